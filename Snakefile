@@ -1,0 +1,32 @@
+# infscale campaign DAG: plan -> bench (one job per layout group, or per model locally) -> merge + summary.
+# Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
+# All logic lives in src/infscale; the rules only call the `infscale` command line.
+
+import sys
+from pathlib import Path
+
+from infscale.pipeline import CampaignRun
+
+CAMPAIGN = CampaignRun(
+    campaign_file=Path(config.get("campaign", "config/demo.yaml")),
+    results_root=Path(config.get("results_root", "results")),
+    packing=config.get("packing", "layout"),
+)
+RESULTS = CAMPAIGN.results_dir
+INFSCALE = config.get("infscale", f"{sys.executable} -m infscale")
+COMMON = f"{CAMPAIGN.campaign_file} --results-root {CAMPAIGN.results_root} --packing {CAMPAIGN.packing}"
+
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/bench.smk"
+include: "workflow/rules/analyze.smk"
+
+
+rule all:
+    input:
+        CAMPAIGN.merged_file,
+        CAMPAIGN.summary_file,
+
+
+onsuccess:
+    if CAMPAIGN.summary_file.exists():
+        print(CAMPAIGN.summary_file.read_text())

@@ -1,0 +1,5 @@
+import sys
+
+from infscale.cli import main
+
+sys.exit(main())

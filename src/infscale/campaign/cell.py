@@ -1,0 +1,81 @@
+"""The cell: one measurement. Immutable, hashable, JSON round-trip, with a readable and stable id."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infscale.campaign.layout import Layout
+from infscale.campaign.spec import Arrival, EngineKnobs, LengthDist, Precision
+
+
+class Cell(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    hardware: str
+    backend: str
+    precision: Precision
+    dp: int = Field(gt=0)
+    tp: int = Field(gt=0)
+    pp: int = Field(gt=0)
+    ep: int = Field(default=1, gt=0)
+    workload: str
+    isl: LengthDist
+    osl: LengthDist
+    requests: int = Field(gt=0)
+    arrival: Arrival
+    engine: EngineKnobs
+    seed: int = 0
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.dp, self.tp, self.pp, self.ep)
+
+    @cached_property
+    def spec_json(self) -> str:
+        """Canonical JSON: the identity of the measurement."""
+        return self.model_dump_json()
+
+    @cached_property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.spec_json.encode()).hexdigest()[:16]
+
+    @cached_property
+    def id(self) -> str:
+        """e.g. `llama-3.1-8b.bf16.dp2tp2pp1.i1024-o16384.off.3f2a9c1e` (the tail is the spec hash)."""
+        return (
+            f"{self.model}.{self.precision.label}.{self.layout}."
+            f"i{self.isl.label}-o{self.osl.label}.{self.arrival.label}.{self.spec_hash[:8]}"
+        )
+
+    @property
+    def build_key(self) -> str:
+        """Cells with the same build key share one engine/artefact (DP replicas reuse the same engine)."""
+        return f"{self.model}.{self.precision.label}.tp{self.tp}pp{self.pp}ep{self.ep}"
+
+    @property
+    def group_key(self) -> str:
+        """Cells with the same group key run in one job: same model, precision, layout, hardware, backend."""
+        return f"{self.model}.{self.precision.label}.{self.layout}.{self.hardware}.{self.backend}"
+
+    def identity(self, gpus_per_node: int) -> dict[str, object]:
+        """The identity columns of this cell's result row (see results.schemas.IDENTITY_FIELDS)."""
+        layout = self.layout
+        return {
+            "cell_id": self.id, "spec_hash": self.spec_hash, "model": self.model, "hardware": self.hardware,
+            "backend": self.backend, "weight_dtype": self.precision.weights, "kv_dtype": self.precision.kv,
+            "layout": str(layout), "dp": self.dp, "tp": self.tp, "pp": self.pp, "ep": self.ep,
+            "gpus": layout.gpus, "nodes": layout.nodes(gpus_per_node), "workload": self.workload,
+            "isl": self.isl.label, "osl": self.osl.label, "isl_max": self.isl.max_length,
+            "osl_max": self.osl.max_length, "requests": self.requests, "arrival": self.arrival.label,
+            "max_num_seqs": self.engine.max_num_seqs, "max_num_tokens": self.engine.max_num_tokens,
+            "kv_memory_fraction": self.engine.kv_memory_fraction, "kv_block_size": self.engine.kv_block_size,
+            "router": self.engine.router, "seed": self.seed, "cell_json": self.spec_json,
+        }
+
+    @classmethod
+    def from_json(cls, text: str) -> "Cell":
+        return cls.model_validate_json(text)

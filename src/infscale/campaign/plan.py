@@ -1,0 +1,173 @@
+"""The plan: every cell of a campaign with a feasibility verdict, its capacity numbers and a cost estimate.
+
+Infeasible cells stay in the plan (and in the merged results) with their reason; they are never run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from infscale.backends.sim.stepmodel import StepModel, build_step_model
+from infscale.campaign.cell import Cell
+from infscale.campaign.layout import Layout, enumerate_layouts
+from infscale.campaign.spec import Arrival, Campaign, EngineSweep, LayoutSweep, Precision
+from infscale.catalog import Hardware, ModelArch
+from infscale.memory import GIB, MemoryPlan, plan_memory
+
+PACKING = ("layout", "model")
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    cell: Cell
+    job: str                  # the bench job that runs it
+    feasible: bool
+    reason: str | None
+    memory: MemoryPlan
+    max_concurrency: int      # whole layout, sequences of isl_max + osl_max tokens
+    est_seconds: float        # wall time on the target GPUs (steady-state estimate)
+
+    @property
+    def est_gpu_hours(self) -> float:
+        return self.est_seconds * self.cell.layout.gpus / 3600
+
+
+def job_id(cell: Cell, packing: str) -> str:
+    """`layout`: one job per model × precision × layout (what a GPU allocation needs); `model`: one per model."""
+    if packing == "layout":
+        return cell.group_key
+    if packing == "model":
+        return f"{cell.model}.{cell.precision.label}.{cell.hardware}.{cell.backend}"
+    raise ValueError(f"unknown packing '{packing}'; allowed: {', '.join(PACKING)}")
+
+
+def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCell]:
+    spec = campaign.spec
+    hardware = campaign.hardware
+    planned: list[PlannedCell] = []
+    seen: set[str] = set()
+    for entry in spec.models:
+        model = campaign.models[entry.name]
+        for precision in entry.precision or spec.precision:
+            for layout in _layouts_for(campaign, entry.name, model):
+                for workload in spec.workloads:
+                    engine = (workload.engine or EngineSweep()).merged_over(spec.engine)
+                    arrivals = (workload.arrival or spec.arrival).expand()
+                    requests_setting = workload.requests if workload.requests is not None else spec.requests
+                    for isl, osl in workload.length_pairs():
+                        for knobs in engine.expand():
+                            if knobs.kv_memory_fraction is None:
+                                knobs = knobs.model_copy(update={"kv_memory_fraction":
+                                                                 hardware.default_kv_memory_fraction})
+                            memory = _memory(model, hardware, layout, precision, knobs.kv_memory_fraction,
+                                             knobs.kv_block_size)
+                            context = isl.max_length + osl.max_length
+                            concurrency = layout.dp * memory.max_seqs(context, knobs.max_num_seqs)
+                            reason = memory.problem(context, model.name, layout)
+                            for arrival in arrivals:
+                                count = _request_count(requests_setting, arrival, concurrency, spec)
+                                cell = Cell(
+                                    model=model.name, hardware=hardware.name, backend=spec.backend,
+                                    precision=precision, dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep,
+                                    workload=workload.name, isl=isl, osl=osl, requests=count, arrival=arrival,
+                                    engine=knobs, seed=spec.seed,
+                                )
+                                if cell.id in seen:
+                                    continue
+                                seen.add(cell.id)
+                                seconds = 0.0 if reason else _estimate_seconds(cell, model, hardware, memory)
+                                planned.append(PlannedCell(cell, job_id(cell, packing), reason is None, reason,
+                                                           memory, concurrency, seconds))
+    return planned
+
+
+def _layouts_for(campaign: Campaign, entry_name: str, model: ModelArch) -> list[Layout]:
+    chosen = campaign.layouts[entry_name]
+    if not isinstance(chosen, LayoutSweep):
+        return chosen
+    layouts: list[Layout] = []
+    for expert_parallel in chosen.expert_parallel:
+        for layout in enumerate_layouts(model, campaign.hardware, chosen.gpus, campaign.spec.hardware.nodes,
+                                        chosen.max_pp, expert_parallel):
+            if layout not in layouts:
+                layouts.append(layout)
+    return layouts
+
+
+def _request_count(setting: int | str, arrival: Arrival, concurrency: int, spec) -> int:
+    if setting != "auto":
+        return int(setting)
+    slots = arrival.concurrency if arrival.mode == "concurrency" else concurrency
+    return max(1, min(spec.max_requests, spec.requests_per_slot * max(slots or 0, 1)))
+
+
+# Catalog entries hold dicts (unhashable), so the caches are keyed by names: many cells share these.
+_MEMORY_CACHE: dict[tuple, MemoryPlan] = {}
+_STEP_CACHE: dict[tuple, StepModel] = {}
+
+
+def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Precision, fraction: float,
+            block_size: int) -> MemoryPlan:
+    key = (model.name, model.source, hardware.name, layout, precision.weights, precision.kv, fraction, block_size)
+    if key not in _MEMORY_CACHE:
+        _MEMORY_CACHE[key] = plan_memory(model, hardware, layout, precision.weights, precision.kv, fraction,
+                                         block_size)
+    return _MEMORY_CACHE[key]
+
+
+def _step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str) -> StepModel:
+    key = (model.name, model.source, hardware.name, layout, weight_dtype, kv_dtype)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = build_step_model(model, hardware, layout, weight_dtype, kv_dtype)
+    return _STEP_CACHE[key]
+
+
+def _estimate_seconds(cell: Cell, model: ModelArch, hardware: Hardware, memory: MemoryPlan) -> float:
+    """Steady state: each replica runs B sequences at the average context ISL + OSL/2; plus prefill."""
+    step_model = _step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv)
+    isl, osl = cell.isl.mean_length, cell.osl.mean_length
+    average_context = isl + osl / 2
+    batch = max(1, min(cell.engine.max_num_seqs,
+                       memory.max_seqs(int(average_context), cell.engine.max_num_seqs),
+                       -(-cell.requests // cell.dp)))
+    if cell.arrival.mode == "concurrency":
+        batch = max(1, min(batch, -(-(cell.arrival.concurrency or 1) // cell.dp)))
+    step, _ = step_model.decode_line(batch, batch * average_context)
+    decode_seconds = cell.requests * osl / (cell.dp * batch / step)
+    chunk = cell.engine.max_num_tokens
+    prefill_step = step_model.iteration_time(max(1, int(chunk // max(isl, 1))), chunk, chunk, chunk * isl / 2)
+    prefill_seconds = cell.requests * isl / chunk * prefill_step / cell.dp
+    if cell.arrival.mode == "poisson":
+        return max(decode_seconds + prefill_seconds, cell.requests / (cell.arrival.rate or 1.0))
+    return decode_seconds + prefill_seconds
+
+
+def plan_rows(planned: list[PlannedCell], gpus_per_node: int) -> list[dict[str, object]]:
+    rows = []
+    for item in planned:
+        cell = item.cell
+        rows.append({
+            **cell.identity(gpus_per_node),
+            "job": item.job,
+            "group": cell.group_key,
+            "precision": cell.precision.label,
+            "feasible": item.feasible,
+            "reason": item.reason,
+            "weights_gib_per_gpu": item.memory.weights_bytes_per_gpu / GIB,
+            "kv_bytes_per_token_per_gpu": item.memory.kv_bytes_per_token_per_gpu,
+            "kv_capacity_tokens": item.memory.kv_tokens_per_replica,
+            "max_concurrency": item.max_concurrency,
+            "est_seconds": item.est_seconds,
+            "est_gpu_hours": item.est_gpu_hours,
+        })
+    return rows
+
+
+def write_plan(planned: list[PlannedCell], gpus_per_node: int, path: Path) -> Path:
+    import polars as pl
+
+    from infscale.results.io import write_table_atomic
+
+    frame = pl.DataFrame(plan_rows(planned, gpus_per_node), infer_schema_length=None)
+    return write_table_atomic(frame.to_arrow(), path)

@@ -1,0 +1,517 @@
+"""The campaign file (`config/*.yaml`): its schema, and loading it with one clear line per mistake.
+
+Structure is checked by pydantic (types, unknown keys, ranges); meaning is checked afterwards against the
+catalog (model and hardware names, layouts that fit the model and the target, lengths within the context).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from infscale.campaign.layout import Layout, layout_problem
+from infscale.catalog import CatalogError, Hardware, ModelArch, get_hardware, resolve_model
+
+DTYPES = ("bf16", "fp8")
+BACKENDS = ("sim", "torch", "trtllm")
+ROUTERS = ("round_robin", "least_loaded")
+
+
+class SpecError(ValueError):
+    """An invalid campaign file. `lines` holds one line per problem: `file: key: what is wrong`."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- lengths
+
+
+class LengthDist(_Strict):
+    """A request length: fixed, or drawn per request from a seeded distribution (always within [min, cap])."""
+
+    dist: Literal["fixed", "normal", "lognormal"]
+    value: int | None = Field(default=None, gt=0, description="fixed: the length")
+    mean: float | None = Field(default=None, gt=0, description="normal: mean")
+    std: float | None = Field(default=None, ge=0, description="normal: standard deviation")
+    median: float | None = Field(default=None, gt=0, description="lognormal: median (exp of mu)")
+    sigma: float | None = Field(default=None, ge=0, description="lognormal: sigma of log length")
+    min: int = Field(default=1, gt=0)
+    cap: int | None = Field(default=None, gt=0, description="largest length ever drawn")
+
+    @model_validator(mode="after")
+    def _parameters_match_dist(self) -> "LengthDist":
+        needed = {"fixed": ("value",), "normal": ("mean", "std", "cap"), "lognormal": ("median", "sigma", "cap")}
+        missing = [k for k in needed[self.dist] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a {self.dist} length needs {', '.join(missing)}")
+        if self.cap is not None and self.cap < self.min:
+            raise ValueError(f"cap={self.cap} is below min={self.min}")
+        return self
+
+    @property
+    def max_length(self) -> int:
+        return self.value if self.dist == "fixed" else self.cap  # type: ignore[return-value]
+
+    @property
+    def mean_length(self) -> float:
+        """Approximate mean (ignores the clipping at min/cap); used for cost estimates only."""
+        if self.dist == "fixed":
+            return float(self.value)  # type: ignore[arg-type]
+        if self.dist == "normal":
+            return float(self.mean)  # type: ignore[arg-type]
+        return min(float(self.median) * math.exp(self.sigma**2 / 2), float(self.cap))  # type: ignore[arg-type,operator]
+
+    @property
+    def label(self) -> str:
+        if self.dist == "fixed":
+            return str(self.value)
+        if self.dist == "normal":
+            return f"N{self.mean:g}s{self.std:g}c{self.cap}"
+        return f"LN{self.median:g}s{self.sigma:g}c{self.cap}"
+
+    @classmethod
+    def fixed(cls, value: int) -> "LengthDist":
+        return cls(dist="fixed", value=value)
+
+
+def _as_length(value: Any) -> Any:
+    return {"dist": "fixed", "value": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# ---------------------------------------------------------------------------------------------- arrival
+
+
+class Arrival(_Strict):
+    """How requests arrive: all at t=0 (offline), a fixed number in flight (closed loop), or Poisson at a rate."""
+
+    mode: Literal["offline", "concurrency", "poisson"] = "offline"
+    concurrency: int | None = Field(default=None, gt=0)
+    rate: float | None = Field(default=None, gt=0, description="requests per second (poisson)")
+
+    @model_validator(mode="after")
+    def _parameters_match_mode(self) -> "Arrival":
+        if self.mode == "concurrency" and self.concurrency is None:
+            raise ValueError("arrival mode 'concurrency' needs 'concurrency: N'")
+        if self.mode == "poisson" and self.rate is None:
+            raise ValueError("arrival mode 'poisson' needs 'rate: requests per second'")
+        if self.mode == "offline" and (self.concurrency is not None or self.rate is not None):
+            raise ValueError("arrival mode 'offline' takes neither 'concurrency' nor 'rate'")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.mode == "concurrency":
+            return f"c{self.concurrency}"
+        if self.mode == "poisson":
+            return f"r{self.rate:g}"
+        return "off"
+
+
+class ArrivalSweep(_Strict):
+    """`arrival:` in a workload; `concurrency` and `rate` may be lists (swept)."""
+
+    mode: Literal["offline", "concurrency", "poisson"] = "offline"
+    concurrency: int | list[Annotated[int, Field(gt=0)]] | None = None
+    rate: float | list[Annotated[float, Field(gt=0)]] | None = None
+
+    def expand(self) -> list[Arrival]:
+        if self.mode == "concurrency":
+            return [Arrival(mode="concurrency", concurrency=c) for c in _as_list(self.concurrency)]
+        if self.mode == "poisson":
+            return [Arrival(mode="poisson", rate=r) for r in _as_list(self.rate)]
+        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate)]  # validates extras
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+class EngineKnobs(_Strict):
+    """Engine settings of one cell (vLLM / TensorRT-LLM names in brackets)."""
+
+    max_num_seqs: int = Field(default=256, gt=0, description="cap on a replica's running batch [max_batch_size]")
+    max_num_tokens: int = Field(default=8192, gt=0, description="tokens per iteration; chunked-prefill budget")
+    kv_memory_fraction: float | None = Field(
+        default=None, gt=0, le=1,
+        description="fraction of each GPU's memory for weights + activations + KV [gpu_memory_utilization]; "
+        "None: the hardware's default",
+    )
+    kv_block_size: int = Field(default=16, gt=0, description="tokens per KV block [tokens_per_block]")
+    router: Literal["round_robin", "least_loaded"] = "round_robin"
+
+
+class EngineSweep(_Strict):
+    """`engine:` in the campaign or a workload; each knob may be a list (swept)."""
+
+    max_num_seqs: int | list[int] | None = None
+    max_num_tokens: int | list[int] | None = None
+    kv_memory_fraction: float | list[float] | None = None
+    kv_block_size: int | list[int] | None = None
+    router: str | list[str] | None = None
+
+    def merged_over(self, base: "EngineSweep") -> "EngineSweep":
+        ours = self.model_dump(exclude_none=True)
+        return EngineSweep(**{**base.model_dump(exclude_none=True), **ours})
+
+    def expand(self) -> list[EngineKnobs]:
+        values = self.model_dump(exclude_none=True)
+        combos: list[dict[str, Any]] = [{}]
+        for key, value in values.items():
+            combos = [{**c, key: v} for c in combos for v in _as_list(value)]
+        return [EngineKnobs(**c) for c in combos]
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+class Precision(_Strict):
+    weights: Literal["bf16", "fp8"] = "bf16"
+    kv: Literal["bf16", "fp8"] = "bf16"
+
+    @property
+    def label(self) -> str:
+        return self.weights if self.kv == "bf16" else f"{self.weights}-kv{self.kv}"
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        """'fp8' → fp8 weights, bf16 KV; 'fp8/fp8' → both fp8; dicts pass through to validation."""
+        if isinstance(value, str):
+            weights, _, kv = value.partition("/")
+            return {"weights": weights, "kv": kv or "bf16"}
+        return value
+
+
+class LayoutSweep(_Strict):
+    """`layouts:` as a generator: every valid dp × tp × pp using one of `gpus` GPU counts."""
+
+    gpus: list[Annotated[int, Field(gt=0)]]
+    max_pp: int | None = Field(default=None, gt=0)
+    expert_parallel: list[bool] = Field(default_factory=lambda: [False], description="MoE: also ep = tp")
+
+
+LayoutsField = list[str] | LayoutSweep
+
+
+class ModelEntry(_Strict):
+    name: str = Field(description="catalog name, or a path to a Hugging Face config.json")
+    precision: list[Precision] | None = None
+    layouts: LayoutsField | None = None
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _parse_precision(cls, value: Any) -> Any:
+        return [Precision.parse(v) for v in _as_list(value)] if value is not None else None
+
+
+class Workload(_Strict):
+    """Request lengths and arrival. Give `isl` + `osl` (osl may be a list: a sweep) or `pairs` of [isl, osl]."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    isl: LengthDist | None = None
+    osl: list[LengthDist] | None = None
+    pairs: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
+    requests: int | Literal["auto"] | None = None
+    arrival: ArrivalSweep | None = None
+    engine: EngineSweep | None = None
+
+    @field_validator("isl", mode="before")
+    @classmethod
+    def _isl_length(cls, value: Any) -> Any:
+        return _as_length(value)
+
+    @field_validator("osl", mode="before")
+    @classmethod
+    def _osl_lengths(cls, value: Any) -> Any:
+        return [_as_length(v) for v in _as_list(value)] if value is not None else None
+
+    @field_validator("arrival", mode="before")
+    @classmethod
+    def _arrival_shorthand(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+    @field_validator("requests")
+    @classmethod
+    def _positive_requests(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("requests must be at least 1 (or 'auto')")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths_given_once(self) -> "Workload":
+        if self.pairs is not None and (self.isl is not None or self.osl is not None):
+            raise ValueError("give either 'pairs' or 'isl' + 'osl', not both")
+        if self.pairs is None and (self.isl is None or self.osl is None):
+            raise ValueError("needs 'isl' and 'osl' (or 'pairs: [[isl, osl], ...]')")
+        return self
+
+    def length_pairs(self) -> list[tuple[LengthDist, LengthDist]]:
+        if self.pairs is not None:
+            return [(LengthDist.fixed(i), LengthDist.fixed(o)) for i, o in self.pairs]
+        return [(self.isl, osl) for osl in self.osl]  # type: ignore[misc]
+
+
+class HardwareTarget(_Strict):
+    name: str
+    nodes: int = Field(default=1, gt=0, description="most nodes one layout may use")
+
+
+class CampaignSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    backend: Literal["sim", "torch", "trtllm"] = "sim"
+    hardware: HardwareTarget
+    models: list[ModelEntry] = Field(min_length=1)
+    precision: list[Precision] = Field(default_factory=lambda: [Precision()])
+    layouts: LayoutsField
+    workloads: list[Workload] = Field(min_length=1)
+    requests: int | Literal["auto"] = "auto"
+    requests_per_slot: int = Field(default=4, gt=0, description="'auto' requests = this × the layout's max concurrency")
+    max_requests: int = Field(default=16384, gt=0, description="upper bound for 'auto'")
+    arrival: ArrivalSweep = Field(default_factory=ArrivalSweep)
+    engine: EngineSweep = Field(default_factory=EngineSweep)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return [{"name": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("hardware", mode="before")
+    @classmethod
+    def _hardware_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _parse_precision(cls, value: Any) -> Any:
+        return [Precision.parse(v) for v in _as_list(value)]
+
+    @field_validator("arrival", mode="before")
+    @classmethod
+    def _arrival_shorthand(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+    @field_validator("requests")
+    @classmethod
+    def _positive_requests(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("requests must be at least 1 (or 'auto')")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_workload_names(self) -> "CampaignSpec":
+        names = [w.name for w in self.workloads]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"workload names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class Campaign:
+    """A validated campaign: the spec plus the catalog entries it names."""
+
+    def __init__(self, spec: CampaignSpec, path: Path | None, config_hash: str,
+                 models: dict[str, ModelArch], hardware: Hardware,
+                 layouts: dict[str, list[Layout] | LayoutSweep]):
+        self.spec = spec
+        self.path = path
+        self.config_hash = config_hash
+        self.models = models            # entry name -> architecture
+        self.hardware = hardware
+        self.layouts = layouts          # entry name -> explicit layouts, or the sweep to expand
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def model_for(self, cell: "object") -> ModelArch:
+        """The architecture of a cell's model (cells name models by their catalog/architecture name)."""
+        for model in self.models.values():
+            if model.name == cell.model:  # type: ignore[attr-defined]
+                return model
+        raise KeyError(f"model '{cell.model}' is not part of campaign '{self.name}'")  # type: ignore[attr-defined]
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError([f"{path}: cannot read the campaign file ({err.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError([f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    return campaign_from_dict(raw, source=str(path), path=path)
+
+
+def campaign_from_dict(raw: Any, source: str = "<campaign>", path: Path | None = None) -> Campaign:
+    if not isinstance(raw, dict):
+        raise SpecError([f"{source}: the campaign must be a mapping of keys (name, hardware, models, ...)"])
+    try:
+        spec = CampaignSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError([_format_pydantic_error(source, e, raw) for e in err.errors()]) from None
+    config_hash = hashlib.sha256(yaml.safe_dump(raw, sort_keys=True).encode()).hexdigest()[:16]
+    return _check_meaning(spec, source, path, config_hash)
+
+
+def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_hash: str) -> Campaign:
+    """Checks that need the catalog. Collects every problem before raising."""
+    problems: list[str] = []
+    try:
+        hardware = get_hardware(spec.hardware.name)
+    except CatalogError as err:
+        raise SpecError([f"{source}: hardware.name: {err}"]) from None
+
+    models: dict[str, ModelArch] = {}
+    layouts: dict[str, list[Layout] | LayoutSweep] = {}
+    for i, entry in enumerate(spec.models):
+        try:
+            model = resolve_model(_relative_to(entry.name, path))
+        except CatalogError as err:
+            problems.append(f"{source}: models[{i}].name: {err}")
+            continue
+        if entry.name in models:
+            problems.append(f"{source}: models[{i}].name: '{entry.name}' is listed twice")
+            continue
+        models[entry.name] = model
+        where = f"models[{i}].layouts" if entry.layouts is not None else "layouts"
+        chosen = entry.layouts if entry.layouts is not None else spec.layouts
+        if isinstance(chosen, LayoutSweep):
+            layouts[entry.name] = chosen
+            continue
+        parsed: list[Layout] = []
+        for j, text in enumerate(chosen):
+            try:
+                layout = Layout.parse(text)
+            except ValueError as err:
+                problems.append(f"{source}: {where}[{j}]: {err}")
+                continue
+            problem = layout_problem(layout, model, hardware, spec.hardware.nodes)
+            if problem:
+                problems.append(f"{source}: {where}[{j}]: '{text}' for {entry.name}: {problem}")
+            parsed.append(layout)
+        layouts[entry.name] = parsed
+
+    for w, workload in enumerate(spec.workloads):
+        for isl, osl in workload.length_pairs():
+            for name, model in models.items():
+                total = isl.max_length + osl.max_length
+                if total > model.max_context:
+                    problems.append(
+                        f"{source}: workloads[{w}] ({workload.name}): isl+osl = {isl.max_length}+{osl.max_length} "
+                        f"= {total} exceeds {name}'s context of {model.max_context} tokens"
+                    )
+        engine = (workload.engine or EngineSweep()).merged_over(spec.engine)
+        try:
+            knobs = engine.expand()
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            problems.append(f"{source}: engine.{key}: {first['msg']} (got {first.get('input')!r})")
+            knobs = []
+        for k in knobs:
+            if k.max_num_tokens < k.kv_block_size:
+                problems.append(f"{source}: engine.max_num_tokens: {k.max_num_tokens} is below "
+                                f"kv_block_size {k.kv_block_size}")
+    if problems:
+        raise SpecError(problems)
+    return Campaign(spec, path, config_hash, models, hardware, layouts)
+
+
+def _relative_to(name: str, path: Path | None) -> str:
+    """A model given as a relative config.json path is read relative to the campaign file."""
+    if path is not None and (name.endswith(".json") or "/" in name):
+        candidate = path.parent / name
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _format_pydantic_error(source: str, error: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = _location(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent_model = _model_at(error["loc"][:-1])
+        key = error["loc"][-1]
+        allowed = sorted(parent_model.model_fields) if parent_model else []
+        hint = difflib.get_close_matches(str(key), allowed, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{source}: {loc}: unknown key{suggestion}; allowed keys: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{source}: {loc}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{source}: {loc}: {message}{shown}"
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """('workloads', 0, 'osl', 2) → 'workloads[0].osl[2]'; drops pydantic's union-branch labels."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in _UNION_TAGS or "[" in str(part) or str(part).startswith(("function-", "literal[")):
+            continue
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "<top level>"
+
+
+_UNION_TAGS = {"int", "str", "float", "bool", "list", "LayoutSweep", "list[str]", "dict"}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (for listing allowed keys)."""
+    model: type[BaseModel] | None = CampaignSpec
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or part in _UNION_TAGS:
+            continue
+        if part == "LayoutSweep":
+            model = LayoutSweep
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return _NAMED_MODELS.get(str(part), None)
+        model = _first_model(field.annotation)
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found:
+            return found
+    return None
+
+
+_NAMED_MODELS: dict[str, type[BaseModel]] = {"LayoutSweep": LayoutSweep}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,213 @@
+"""The `infscale` command line: plan, predict, bench, merge, summary, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from infscale.campaign import SpecError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infscale", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="expand a campaign into cells, with verdicts and GPU-hours")
+    _campaign_args(plan)
+    plan.add_argument("--write", action="store_true", help="write results/<campaign>/plan.parquet")
+    plan.add_argument("--cells", action="store_true", help="list every cell, not one row per layout")
+    plan.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    predict = commands.add_parser("predict", help="predict one cell with the sim backend")
+    predict.add_argument("--model", required=True, help="catalog name or path to a Hugging Face config.json")
+    predict.add_argument("--hardware", default="h200-sxm")
+    predict.add_argument("--precision", default="bf16", help="weights[/kv], e.g. bf16, fp8, fp8/fp8")
+    for name in ("dp", "tp", "pp", "ep"):
+        predict.add_argument(f"--{name}", type=int, default=1)
+    predict.add_argument("--isl", type=int, required=True)
+    predict.add_argument("--osl", type=int, required=True)
+    predict.add_argument("--requests", default="auto", help="a number, or 'auto' (4 × max concurrency)")
+    predict.add_argument("--arrival", default="offline", help="offline | concurrency:N | poisson:RATE")
+    predict.add_argument("--max-num-seqs", type=int)
+    predict.add_argument("--max-num-tokens", type=int)
+    predict.add_argument("--kv-memory-fraction", type=float)
+    predict.add_argument("--kv-block-size", type=int)
+    predict.add_argument("--router", choices=("round_robin", "least_loaded"))
+    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = commands.add_parser("bench", help="run one bench job of a campaign (skips cells already measured)")
+    _campaign_args(bench)
+    bench.add_argument("--job", required=True)
+
+    merge = commands.add_parser("merge", help="merge the campaign's cell files; write cells.parquet, summary.md")
+    _campaign_args(merge)
+
+    summary = commands.add_parser("summary", help="print the campaign summary")
+    _campaign_args(summary)
+
+    run = commands.add_parser("run", help="run the whole campaign through Snakemake and print the summary")
+    run.add_argument("config", type=Path)
+    run.add_argument("--profile", default="profiles/local")
+    run.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="passed on to snakemake")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+
+def _campaign_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="campaign file (config/*.yaml)")
+    parser.add_argument("--results-root", type=Path, default=Path("results"))
+    parser.add_argument("--packing", default="layout", choices=("layout", "model"),
+                        help="bench job per layout (GPU allocations) or per model (local runs)")
+
+
+def _campaign_run(args: argparse.Namespace):
+    from infscale.pipeline import CampaignRun
+
+    return CampaignRun(args.config, args.results_root, args.packing)
+
+
+# ------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from infscale.campaign.plan import write_plan
+
+    run = _campaign_run(args)
+    if args.write:
+        write_plan(run.planned, run.campaign.hardware.gpus_per_node, run.plan_file)
+    if not args.quiet:
+        from infscale.reports import print_plan
+
+        print_plan(run, per_cell=args.cells)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from infscale.launch.runner import run_cells, write_job_manifest
+
+    run = _campaign_run(args)
+    jobs = run.jobs()
+    if args.job not in jobs:
+        print(f"{args.config}: no bench job '{args.job}' in campaign '{run.campaign.name}'; "
+              f"jobs: {', '.join(sorted(jobs)) or 'none'}", file=sys.stderr)
+        return 2
+    outcomes = run_cells(run.campaign, jobs[args.job], run.results_dir)
+    measured = sum(o.status != "skipped" for o in outcomes)
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(f"{args.job}: {measured} cells measured, {len(outcomes) - measured} already present, "
+          f"{len(failed)} failed")
+    for outcome in failed:
+        print(f"  FAILED {outcome.cell_id}: {outcome.reason}", file=sys.stderr)
+    if failed:
+        return 1  # no manifest: the job is not complete and Snakemake will run it again
+    write_job_manifest(run.job_manifest(args.job), args.job, outcomes)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from infscale.analysis.merge import merge_cells, write_merged
+    from infscale.analysis.summary import summary_markdown
+
+    run = _campaign_run(args)
+    frame = merge_cells(run.planned, run.results_dir, run.campaign.hardware.gpus_per_node)
+    write_merged(frame, run.merged_file, run.campaign.config_hash)
+    text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
+                            run.campaign.hardware.gpus_per_node)
+    tmp = run.summary_file.with_name(".summary.md.tmp")
+    tmp.write_text(text)
+    tmp.replace(run.summary_file)
+    print(f"merged {frame.height} cells into {run.merged_file}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    run = _campaign_run(args)
+    if not run.summary_file.exists():
+        print(f"{run.summary_file} does not exist yet; run the campaign first", file=sys.stderr)
+        return 1
+    print(run.summary_file.read_text())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    extra = [a for a in args.snakemake_args if a != "--"]
+    command = [sys.executable, "-m", "snakemake", "--profile", args.profile, "--config",
+               f"campaign={args.config}", *extra]
+    status = subprocess.call(command)
+    if status == 0:
+        from infscale.pipeline import CampaignRun
+
+        run = CampaignRun(args.config, Path("results"), "layout")
+        if run.summary_file.exists():
+            print(run.summary_file.read_text())
+    return status
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from infscale.backends.sim.backend import SimBackend
+    from infscale.campaign import campaign_from_dict
+    from infscale.campaign.plan import plan_campaign
+
+    engine = {k: v for k, v in {
+        "max_num_seqs": args.max_num_seqs, "max_num_tokens": args.max_num_tokens,
+        "kv_memory_fraction": args.kv_memory_fraction, "kv_block_size": args.kv_block_size,
+        "router": args.router,
+    }.items() if v is not None}
+    layout = f"dp{args.dp}tp{args.tp}pp{args.pp}" + (f"ep{args.ep}" if args.ep > 1 else "")
+    requests = args.requests if args.requests == "auto" else int(args.requests)
+    mode, _, value = args.arrival.partition(":")
+    arrival: dict[str, object] = {"mode": mode}
+    if mode == "concurrency":
+        arrival["concurrency"] = int(value)
+    elif mode == "poisson":
+        arrival["rate"] = float(value)
+    gpus = args.dp * args.tp * args.pp
+    raw = {
+        "name": "predict", "backend": "sim",
+        "hardware": {"name": args.hardware, "nodes": max(1, math.ceil(gpus / 8))},
+        "models": [args.model], "precision": [args.precision], "layouts": [layout],
+        "workloads": [{"name": "predict", "isl": args.isl, "osl": args.osl, "requests": requests,
+                       "arrival": arrival}],
+        "engine": engine, "seed": args.seed,
+    }
+    campaign = campaign_from_dict(raw, source="infscale predict")
+    (item,) = plan_campaign(campaign)
+    result: dict[str, object] = {
+        "cell_id": item.cell.id, "feasible": item.feasible, "reason": item.reason,
+        "kv_capacity_tokens": item.memory.kv_tokens_per_replica, "max_concurrency": item.max_concurrency,
+        "weights_gib_per_gpu": round(item.memory.weights_bytes_per_gpu / 2**30, 3),
+        "requests": item.cell.requests, "predicted": True,
+    }
+    if item.feasible:
+        measured = SimBackend().measure(item.cell, None, campaign)  # type: ignore[arg-type]
+        result.update({k: v for k, v in measured.summary.items()})
+    else:
+        for key in ("output_tok_s", "output_tok_s_per_gpu", "ttft_ms_p50", "tpot_ms_p50"):
+            result[key] = None
+    if args.json:
+        print(json.dumps(result, default=float))
+    else:
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            shown = f"{value:,.3f}" if isinstance(value, float) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+COMMANDS = {
+    "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
+    "run": cmd_run,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

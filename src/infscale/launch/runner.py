@@ -1,0 +1,100 @@
+"""Run one bench job: its cells in-process, one artefact per build key, one result file per cell as it ends.
+
+Cells whose result file already holds the same spec hash are skipped, so a job that died midway (or a rerun
+after new cells were added) measures only what is missing. A failure is recorded in `failures/` with its
+reason and the cell is retried by the next run; measured files are never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from infscale.backends import Backend, BuildSpec, CellResult, InfeasibleCell, get_backend
+from infscale.campaign import Campaign
+from infscale.campaign.plan import PlannedCell
+from infscale.memory import GIB
+from infscale.results import provenance
+from infscale.results.io import build_cell_table, cell_file, existing_spec_hash, write_cell, write_table_atomic
+
+
+@dataclass
+class CellOutcome:
+    cell_id: str
+    status: str          # ok | infeasible | failed | skipped (already measured)
+    reason: str | None = None
+
+
+def failure_file(results_dir: Path, cell_id: str, stamp: str) -> Path:
+    return Path(results_dir) / "failures" / f"{cell_id}.{stamp.replace(':', '')}.parquet"
+
+
+def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path, backend: Backend | None = None,
+              progress: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+    backend = backend or get_backend(campaign.spec.backend)
+    gpus_per_node = campaign.hardware.gpus_per_node
+    by_build: dict[BuildSpec, list[PlannedCell]] = defaultdict(list)
+    outcomes: list[CellOutcome] = []
+    for item in planned:
+        if not item.feasible:
+            continue  # infeasible by the plan: never run (the merge reports them from the plan)
+        path = cell_file(results_dir, item.cell.id)
+        if existing_spec_hash(path) == item.cell.spec_hash:
+            outcomes.append(CellOutcome(item.cell.id, "skipped"))
+            continue
+        by_build[BuildSpec.for_cells([item.cell])].append(item)
+    for build, items in by_build.items():
+        artefact = backend.prepare(BuildSpec.for_cells([i.cell for i in items]), campaign)
+        for item in items:
+            cell = item.cell
+            started = provenance.utc_now()
+            row = {**cell.identity(gpus_per_node), **_capacity(item), "started_at": started}
+            result: CellResult | None = None
+            try:
+                result = backend.measure(cell, artefact, campaign)
+                row.update(result.summary, status="ok", predicted=result.predicted)
+            except InfeasibleCell as err:
+                row.update(status="infeasible", reason=str(err))
+            except Exception as err:  # recorded with its last traceback line, retried by the next run
+                last = traceback.format_exception_only(type(err), err)[-1].strip()
+                row.update(status="failed", reason=last)
+            row["ended_at"] = provenance.utc_now()
+            table = build_cell_table(row, result.requests if result else None, result.series if result else None)
+            meta = {**provenance.collect(campaign.name, campaign.config_hash), "artefact": artefact.info,
+                    "started_at": started, "ended_at": row["ended_at"]}
+            if row["status"] == "failed":
+                write_cell(failure_file(results_dir, cell.id, started), table, meta, cell.spec_json)
+            else:
+                write_cell(cell_file(results_dir, cell.id), table, meta, cell.spec_json)
+            outcome = CellOutcome(cell.id, row["status"], row.get("reason"))
+            outcomes.append(outcome)
+            if progress:
+                progress(outcome)
+    return outcomes
+
+
+def _capacity(item: PlannedCell) -> dict[str, object]:
+    return {
+        "weights_gib_per_gpu": item.memory.weights_bytes_per_gpu / GIB,
+        "kv_bytes_per_token_per_gpu": item.memory.kv_bytes_per_token_per_gpu,
+        "kv_capacity_tokens": item.memory.kv_tokens_per_replica,
+        "max_concurrency": item.max_concurrency,
+    }
+
+
+def write_job_manifest(path: Path, job: str, outcomes: list[CellOutcome]) -> Path:
+    """The bench rule's output: which cells this job covered and how each ended."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"job": job, "finished_at": provenance.utc_now(),
+                               "cells": [o.__dict__ for o in outcomes]}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["CellOutcome", "run_cells", "write_job_manifest", "failure_file", "write_table_atomic"]

@@ -1,0 +1,119 @@
+"""Memory arithmetic: weights and KV bytes per GPU, KV capacity per replica, maximum concurrency.
+
+The formulas are those of reference/reasoning-inference.md §4.1 (vLLM's own capacity formula):
+free = fraction × HBM − weights/GPU − activation reserve; KV bytes/token/GPU = 2·(L/PP)·n_kv·d·b / min(TP, n_kv)
+for GQA, (kv_lora + rope)·(L/PP)·b for MLA (the latent is replicated across TP ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infscale.campaign.layout import Layout
+from infscale.catalog import Hardware, ModelArch
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
+GIB = 1024**3
+
+
+def layers_per_stage(model: ModelArch, pp: int) -> int:
+    """Layers on the fullest pipeline stage (stages are as even as possible)."""
+    return -(-model.num_layers // pp)
+
+
+def weight_bytes_per_gpu(model: ModelArch, weight_dtype: str, tp: int, pp: int) -> float:
+    """Weights held by the fullest GPU. Linear layers take `weight_dtype`; embeddings and norms stay 16-bit.
+
+    Each pipeline stage holds its layers; the first holds the embedding and the last the LM head (with pp=1 one
+    GPU holds both). Every tensor is split over TP (vocab-parallel embedding and head; experts split over the TP
+    group whether by TP or EP, so the per-GPU share is the same).
+    """
+    counts = model.param_counts()
+    linear_bytes = DTYPE_BYTES[weight_dtype]
+    moe_layers = model.num_moe_layers
+    dense_layers = model.num_layers - moe_layers
+    per_layer_avg = (
+        dense_layers * counts.dense_ffn_per_layer
+        + moe_layers * (model.num_experts * counts.expert_params + counts.shared_expert_params_per_layer
+                        + counts.router_per_layer)
+    ) / model.num_layers
+    layer_bytes = (counts.attention_per_layer + per_layer_avg) * linear_bytes + counts.norms_per_layer * 2
+    stage_layers = layers_per_stage(model, pp)
+    edge_bytes = (counts.embedding + counts.lm_head) * 2 if pp == 1 else max(counts.embedding, counts.lm_head) * 2
+    return (stage_layers * layer_bytes + edge_bytes + counts.final_norm * 2) / tp
+
+
+def kv_bytes_per_token_per_gpu(model: ModelArch, kv_dtype: str, tp: int, pp: int) -> float:
+    """KV-cache bytes one token costs on one GPU of a replica (its stage's layers, its share of KV heads)."""
+    kv_bytes = DTYPE_BYTES[kv_dtype]
+    layers = layers_per_stage(model, pp)
+    if model.attention == "mla":
+        return (model.kv_lora_rank + model.qk_rope_head_dim) * layers * kv_bytes
+    heads_per_gpu = model.num_kv_heads / min(tp, model.num_kv_heads)
+    return 2 * layers * heads_per_gpu * model.head_dim * kv_bytes
+
+
+def kv_bytes_per_token(model: ModelArch, kv_dtype: str) -> float:
+    """KV bytes of one token for the whole model (no sharding): the reference table's 'KV/token'."""
+    return kv_bytes_per_token_per_gpu(model, kv_dtype, tp=1, pp=1)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one replica of a layout can hold."""
+
+    weights_bytes_per_gpu: float
+    activation_reserve_bytes: float
+    usable_bytes_per_gpu: float
+    kv_pool_bytes_per_gpu: float
+    kv_bytes_per_token_per_gpu: float
+    kv_block_size: int
+    kv_blocks_per_replica: int
+
+    @property
+    def kv_tokens_per_replica(self) -> int:
+        return self.kv_blocks_per_replica * self.kv_block_size
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_blocks_per_replica > 0
+
+    def max_seqs(self, context_tokens: int, max_num_seqs: int) -> int:
+        """Sequences of `context_tokens` tokens one replica can hold at once (block-granular), capped by the engine."""
+        blocks_per_seq = -(-context_tokens // self.kv_block_size)
+        return min(max_num_seqs, self.kv_blocks_per_replica // blocks_per_seq)
+
+    def problem(self, context_tokens: int, model: str, layout: Layout) -> str | None:
+        """Why no request of `context_tokens` can run, or None."""
+        if self.kv_pool_bytes_per_gpu <= 0:
+            need = (self.weights_bytes_per_gpu + self.activation_reserve_bytes) / GIB
+            return (
+                f"weights {self.weights_bytes_per_gpu / GIB:.1f} GiB/GPU + reserve "
+                f"{self.activation_reserve_bytes / GIB:.1f} GiB exceed the usable {self.usable_bytes_per_gpu / GIB:.1f} "
+                f"GiB/GPU of {model} at {layout} (need {need:.1f} GiB)"
+            )
+        if self.max_seqs(context_tokens, 1) == 0:
+            return (
+                f"KV pool of {self.kv_tokens_per_replica} tokens per replica cannot hold one sequence of "
+                f"{context_tokens} tokens ({model} at {layout})"
+            )
+        return None
+
+
+def plan_memory(
+    model: ModelArch,
+    hardware: Hardware,
+    layout: Layout,
+    weight_dtype: str,
+    kv_dtype: str,
+    kv_memory_fraction: float | None,
+    kv_block_size: int,
+) -> MemoryPlan:
+    fraction = hardware.default_kv_memory_fraction if kv_memory_fraction is None else kv_memory_fraction
+    usable = fraction * hardware.hbm_bytes
+    weights = weight_bytes_per_gpu(model, weight_dtype, layout.tp, layout.pp)
+    reserve = hardware.efficiency.activation_reserve_bytes
+    pool = usable - weights - reserve
+    per_token = kv_bytes_per_token_per_gpu(model, kv_dtype, layout.tp, layout.pp)
+    blocks = int(max(pool, 0) // (per_token * kv_block_size))
+    return MemoryPlan(weights, reserve, usable, pool, per_token, kv_block_size, blocks)

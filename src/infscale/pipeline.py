@@ -1,0 +1,59 @@
+"""What the Snakefile needs to know about a campaign: its files, its bench jobs and each job's cell set.
+
+Kept here (not in the Snakefile) so the rules stay thin and this logic is unit-tested without Snakemake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infscale.campaign import Campaign, load_campaign
+from infscale.campaign.plan import PlannedCell, plan_campaign
+
+
+@dataclass
+class CampaignRun:
+    campaign_file: Path
+    results_root: Path
+    packing: str
+    campaign: Campaign = field(init=False)
+    planned: list[PlannedCell] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.campaign = load_campaign(self.campaign_file)
+        self.planned = plan_campaign(self.campaign, self.packing)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.results_root / self.campaign.name
+
+    @property
+    def plan_file(self) -> Path:
+        return self.results_dir / "plan.parquet"
+
+    @property
+    def merged_file(self) -> Path:
+        return self.results_dir / "cells.parquet"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.results_dir / "summary.md"
+
+    def job_manifest(self, job: str) -> Path:
+        return self.results_dir / "bench" / f"{job}.json"
+
+    def jobs(self) -> dict[str, list[PlannedCell]]:
+        """Bench jobs with at least one feasible cell, each with its feasible cells."""
+        grouped: dict[str, list[PlannedCell]] = defaultdict(list)
+        for item in self.planned:
+            if item.feasible:
+                grouped[item.job].append(item)
+        return dict(grouped)
+
+    def job_signature(self, job: str) -> str:
+        """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""
+        ids = sorted(item.cell.id for item in self.jobs().get(job, []))
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]

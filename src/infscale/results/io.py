@@ -1,0 +1,141 @@
+"""Writing and reading cell result files: atomic, never clobbering, with schema version and provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infscale.results.schemas import (
+    CELL_SCHEMA,
+    REQUEST_STRUCT,
+    SCHEMA_VERSION,
+    SERIES_STRUCT,
+    STATUSES,
+    SUMMARY_COLUMNS,
+)
+
+META_VERSION = b"infscale.schema_version"
+META_PROVENANCE = b"infscale.provenance"
+META_CELL = b"infscale.cell"
+
+
+class ResultExistsError(FileExistsError):
+    """A result file is already there: measured data is never overwritten."""
+
+
+class SchemaVersionError(ValueError):
+    """A result file written by an incompatible (newer) schema."""
+
+
+def cell_file(results_dir: Path, cell_id: str) -> Path:
+    return Path(results_dir) / "cells" / f"{cell_id}.parquet"
+
+
+def build_cell_table(summary: dict[str, Any], requests: dict[str, Any] | None = None,
+                     series: dict[str, Any] | None = None) -> pa.Table:
+    """One-row table in CELL_SCHEMA. Unknown summary keys are an error (a typo would otherwise vanish)."""
+    unknown = set(summary) - set(SUMMARY_COLUMNS)
+    if unknown:
+        raise KeyError(f"summary keys not in the cell schema {SCHEMA_VERSION}: {', '.join(sorted(unknown))}")
+    if summary.get("status") not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}; got {summary.get('status')!r}")
+    columns: dict[str, pa.Array] = {}
+    for field in CELL_SCHEMA:
+        if field.name == "requests_detail":
+            columns[field.name] = _nested(requests, REQUEST_STRUCT)
+        elif field.name == "series":
+            columns[field.name] = _nested(series, SERIES_STRUCT)
+        else:
+            columns[field.name] = pa.array([summary.get(field.name)], type=field.type)
+    return pa.Table.from_pydict(columns, schema=CELL_SCHEMA)
+
+
+def _nested(columns: dict[str, Any] | None, struct: pa.StructType) -> pa.Array:
+    if not columns:
+        return pa.array([[]], type=pa.list_(struct))
+    arrays = [pa.array(columns[f.name], type=f.type) for f in struct]
+    values = pa.StructArray.from_arrays(arrays, fields=list(struct))
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], type=pa.int32()), values)
+
+
+def write_cell(path: Path, table: pa.Table, provenance: dict[str, Any], cell_json: str) -> Path:
+    """Write atomically: a temporary file in the same directory, then a hard link to the final name, which
+    fails if the name exists. A killed writer leaves only a `.tmp` file, never a complete-looking result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        META_VERSION: SCHEMA_VERSION.encode(),
+        META_PROVENANCE: json.dumps(provenance, sort_keys=True, default=str).encode(),
+        META_CELL: cell_json.encode(),
+    }
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp_name, compression="zstd")
+        with open(tmp_name, "rb") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            raise ResultExistsError(f"{path} already exists; results are never overwritten") from None
+    finally:
+        os.unlink(tmp_name)
+    return path
+
+
+def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None = None) -> Path:
+    """Write a derived table (plan, merged cells): complete or absent, replacing an older version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_VERSION: SCHEMA_VERSION.encode(),
+                                           **(metadata or {})})
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp_name, compression="zstd")
+        os.replace(tmp_name, path)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Schema version, provenance and cell spec of a result file (checks the version)."""
+    raw = pq.read_schema(path).metadata or {}
+    version = raw.get(META_VERSION, b"").decode()
+    check_schema_version(version, path)
+    return {
+        "schema_version": version,
+        "provenance": json.loads(raw.get(META_PROVENANCE, b"{}")),
+        "cell": json.loads(raw.get(META_CELL, b"{}")),
+    }
+
+
+def check_schema_version(version: str, source: object) -> None:
+    if not version:
+        raise SchemaVersionError(f"{source}: not an infscale result file (no schema version)")
+    major = version.split(".")[0]
+    if major != SCHEMA_VERSION.split(".")[0]:
+        raise SchemaVersionError(
+            f"{source}: schema version {version} cannot be read by this infscale (schema {SCHEMA_VERSION}); "
+            "use the infscale release that wrote it"
+        )
+
+
+def existing_spec_hash(path: Path) -> str | None:
+    """The spec hash stored in a complete result file, or None when there is no file."""
+    if not Path(path).exists():
+        return None
+    return pq.read_table(path, columns=["spec_hash"]).column("spec_hash")[0].as_py()
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    return pq.read_table(path, columns=SUMMARY_COLUMNS).to_pylist()[0]

@@ -1,0 +1,9 @@
+rule merge:
+    input:
+        plan=CAMPAIGN.plan_file,
+        jobs=[CAMPAIGN.job_manifest(job) for job in CAMPAIGN.jobs()],
+    output:
+        cells=CAMPAIGN.merged_file,
+        summary=CAMPAIGN.summary_file,
+    shell:
+        "{INFSCALE} merge {COMMON}"

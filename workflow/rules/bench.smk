@@ -1,0 +1,17 @@
+# One job per bench group. `cells` changes exactly when the group's set of cells changes (ids carry the spec
+# hash), which makes Snakemake rerun the group; the job then measures only the cells not yet on disk.
+# Measured cell files are not outputs of this rule, so Snakemake never deletes them.
+
+wildcard_constraints:
+    job=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+rule bench:
+    output:
+        RESULTS / "bench" / "{job}.json",
+    params:
+        cells=lambda wildcards: CAMPAIGN.job_signature(wildcards.job),
+    log:
+        RESULTS / "logs" / "bench" / "{job}.log",
+    shell:
+        "{INFSCALE} bench {COMMON} --job {wildcards.job} > {log} 2>&1"
