@@ -10,7 +10,7 @@ from infscale.pipeline import CampaignRun
 CAMPAIGN = CampaignRun(
     campaign_file=Path(config.get("campaign", "config/demo.yaml")),
     results_root=Path(config.get("results_root", "results")),
-    packing=config.get("packing", "layout"),
+    packing=config.get("packing", "auto"),
 )
 RESULTS = CAMPAIGN.results_dir
 INFSCALE = config.get("infscale", f"{sys.executable} -m infscale")

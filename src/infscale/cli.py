@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 def _campaign_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="campaign file (config/*.yaml)")
     parser.add_argument("--results-root", type=Path, default=Path("results"))
-    parser.add_argument("--packing", default="layout", choices=("layout", "model"),
-                        help="bench job per layout (GPU allocations) or per model (local runs)")
+    parser.add_argument("--packing", default="auto", choices=("auto", "layout", "model"),
+                        help="bench job per layout (GPU backends) or per model; auto: model for sim, else layout")
 
 
 def _campaign_run(args: argparse.Namespace):
@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if status == 0:
         from infscale.pipeline import CampaignRun
 
-        run = CampaignRun(args.config, Path("results"), "layout")
+        run = CampaignRun(args.config, Path("results"), "auto")
         if run.summary_file.exists():
             print(run.summary_file.read_text())
     return status

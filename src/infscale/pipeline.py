@@ -24,6 +24,10 @@ class CampaignRun:
 
     def __post_init__(self) -> None:
         self.campaign = load_campaign(self.campaign_file)
+        if self.packing == "auto":
+            # A GPU backend needs one allocation per layout; the sim backend needs no GPU, so one job per
+            # model saves process start-ups.
+            self.packing = "model" if self.campaign.spec.backend == "sim" else "layout"
         self.planned = plan_campaign(self.campaign, self.packing)
 
     @property

@@ -76,6 +76,13 @@ class Cell(BaseModel):
             "router": self.engine.router, "seed": self.seed, "cell_json": self.spec_json,
         }
 
+    def model_copy(self, *, update: dict[str, object] | None = None, deep: bool = False) -> Cell:
+        """A copy with some fields changed; its id and hash are computed afresh (not copied from this cell)."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name in ("spec_json", "spec_hash", "id"):
+            copied.__dict__.pop(name, None)
+        return copied
+
     @classmethod
     def from_json(cls, text: str) -> "Cell":
         return cls.model_validate_json(text)

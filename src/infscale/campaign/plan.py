@@ -47,19 +47,22 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
     hardware = campaign.hardware
     planned: list[PlannedCell] = []
     seen: set[str] = set()
+    # what each workload expands to, independent of model and layout
+    workloads = []
+    for workload in spec.workloads:
+        knobs = [k if k.kv_memory_fraction is not None
+                 else k.model_copy(update={"kv_memory_fraction": hardware.default_kv_memory_fraction})
+                 for k in (workload.engine or EngineSweep()).merged_over(spec.engine).expand()]
+        arrivals = (workload.arrival or spec.arrival).expand()
+        requests_setting = workload.requests if workload.requests is not None else spec.requests
+        workloads.append((workload, workload.length_pairs(), knobs, arrivals, requests_setting))
     for entry in spec.models:
         model = campaign.models[entry.name]
         for precision in entry.precision or spec.precision:
             for layout in _layouts_for(campaign, entry.name, model):
-                for workload in spec.workloads:
-                    engine = (workload.engine or EngineSweep()).merged_over(spec.engine)
-                    arrivals = (workload.arrival or spec.arrival).expand()
-                    requests_setting = workload.requests if workload.requests is not None else spec.requests
-                    for isl, osl in workload.length_pairs():
-                        for knobs in engine.expand():
-                            if knobs.kv_memory_fraction is None:
-                                knobs = knobs.model_copy(update={"kv_memory_fraction":
-                                                                 hardware.default_kv_memory_fraction})
+                for workload, pairs, knob_list, arrivals, requests_setting in workloads:
+                    for isl, osl in pairs:
+                        for knobs in knob_list:
                             memory = _memory(model, hardware, layout, precision, knobs.kv_memory_fraction,
                                              knobs.kv_block_size)
                             context = isl.max_length + osl.max_length

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from infscale.campaign.layout import Layout, layout_problem
 from infscale.catalog import CatalogError, Hardware, ModelArch, get_hardware, resolve_model
@@ -87,7 +95,17 @@ class LengthDist(_Strict):
 
 
 def _as_length(value: Any) -> Any:
-    return {"dist": "fixed", "value": value} if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(value, (bool, float, str)):
+        raise ValueError("a length must be a whole number of tokens > 0, or a distribution "  # noqa: TRY004 (pydantic)
+                         "{dist: fixed|normal|lognormal, ...}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError("a length must be a whole number of tokens > 0")
+        return {"dist": "fixed", "value": value}
+    return value
+
+
+Length = Annotated[LengthDist, BeforeValidator(_as_length)]
 
 
 # ---------------------------------------------------------------------------------------------- arrival
@@ -107,7 +125,9 @@ class Arrival(_Strict):
         if self.mode == "poisson" and self.rate is None:
             raise ValueError("arrival mode 'poisson' needs 'rate: requests per second'")
         if self.mode == "offline" and (self.concurrency is not None or self.rate is not None):
-            raise ValueError("arrival mode 'offline' takes neither 'concurrency' nor 'rate'")
+            given = ", ".join(f"{k}={v}" for k, v in (("concurrency", self.concurrency), ("rate", self.rate))
+                              if v is not None)
+            raise ValueError(f"arrival mode 'offline' takes neither 'concurrency' nor 'rate' (got {given})")
         return self
 
     @property
@@ -125,6 +145,14 @@ class ArrivalSweep(_Strict):
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
     concurrency: int | list[Annotated[int, Field(gt=0)]] | None = None
     rate: float | list[Annotated[float, Field(gt=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _parameters_match_mode(self) -> ArrivalSweep:
+        try:
+            self.expand()  # Arrival's own checks (e.g. 'concurrency' mode without a number), at load time
+        except ValidationError as err:
+            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return self
 
     def expand(self) -> list[Arrival]:
         if self.mode == "concurrency":
@@ -218,22 +246,17 @@ class Workload(_Strict):
     """Request lengths and arrival. Give `isl` + `osl` (osl may be a list: a sweep) or `pairs` of [isl, osl]."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    isl: LengthDist | None = None
-    osl: list[LengthDist] | None = None
+    isl: Length | None = None
+    osl: list[Length] | None = None
     pairs: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
     requests: int | Literal["auto"] | None = None
     arrival: ArrivalSweep | None = None
     engine: EngineSweep | None = None
 
-    @field_validator("isl", mode="before")
-    @classmethod
-    def _isl_length(cls, value: Any) -> Any:
-        return _as_length(value)
-
     @field_validator("osl", mode="before")
     @classmethod
     def _osl_lengths(cls, value: Any) -> Any:
-        return [_as_length(v) for v in _as_list(value)] if value is not None else None
+        return _as_list(value) if value is not None else None
 
     @field_validator("arrival", mode="before")
     @classmethod
@@ -309,13 +332,14 @@ class CampaignSpec(_Strict):
             raise ValueError("requests must be at least 1 (or 'auto')")
         return value
 
-    @model_validator(mode="after")
-    def _unique_workload_names(self) -> "CampaignSpec":
-        names = [w.name for w in self.workloads]
+    @field_validator("workloads")
+    @classmethod
+    def _unique_workload_names(cls, value: list[Workload]) -> list[Workload]:
+        names = [w.name for w in value]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"workload names must be unique; repeated: {', '.join(duplicates)}")
-        return self
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -363,11 +387,15 @@ def load_campaign(path: str | Path) -> Campaign:
 
 def campaign_from_dict(raw: Any, source: str = "<campaign>", path: Path | None = None) -> Campaign:
     if not isinstance(raw, dict):
-        raise SpecError([f"{source}: the campaign must be a mapping of keys (name, hardware, models, ...)"])
+        got = type(raw).__name__ if raw is not None else "an empty file"
+        raise SpecError([(f"{source}: <top level>: the campaign must be a mapping of keys (name, hardware, "
+                          f"models, ...), not {got}")])
     try:
         spec = CampaignSpec.model_validate(raw)
     except ValidationError as err:
-        raise SpecError([_format_pydantic_error(source, e, raw) for e in err.errors()]) from None
+        # An unknown key first: a typo ('worklods') also makes the real key missing, and the typo is the cause.
+        errors = sorted(_without_union_noise(err.errors()), key=lambda e: e["type"] != "extra_forbidden")
+        raise SpecError([_format_pydantic_error(source, e, raw) for e in errors]) from None
     config_hash = hashlib.sha256(yaml.safe_dump(raw, sort_keys=True).encode()).hexdigest()[:16]
     return _check_meaning(spec, source, path, config_hash)
 
@@ -410,30 +438,49 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
             parsed.append(layout)
         layouts[entry.name] = parsed
 
+    engine_problems = _engine_problems(source, "engine", spec.engine)
     for w, workload in enumerate(spec.workloads):
-        for isl, osl in workload.length_pairs():
+        for k, (isl, osl) in enumerate(workload.length_pairs()):
+            key = f"workloads[{w}].pairs[{k}]" if workload.pairs is not None else f"workloads[{w}].osl[{k}]"
             for name, model in models.items():
                 total = isl.max_length + osl.max_length
                 if total > model.max_context:
                     problems.append(
-                        f"{source}: workloads[{w}] ({workload.name}): isl+osl = {isl.max_length}+{osl.max_length} "
-                        f"= {total} exceeds {name}'s context of {model.max_context} tokens"
+                        f"{source}: {key}: isl+osl = {isl.max_length}+{osl.max_length} = {total} "
+                        f"exceeds {name}'s context of {model.max_context} tokens (workload {workload.name})"
                     )
+        own = _engine_problems(source, f"workloads[{w}].engine", workload.engine) if workload.engine else []
+        problems += own
+        if own or engine_problems:
+            continue
         engine = (workload.engine or EngineSweep()).merged_over(spec.engine)
-        try:
-            knobs = engine.expand()
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            problems.append(f"{source}: engine.{key}: {first['msg']} (got {first.get('input')!r})")
-            knobs = []
-        for k in knobs:
-            if k.max_num_tokens < k.kv_block_size:
-                problems.append(f"{source}: engine.max_num_tokens: {k.max_num_tokens} is below "
-                                f"kv_block_size {k.kv_block_size}")
+        own_sizes = workload.engine is not None and (workload.engine.max_num_tokens is not None
+                                                     or workload.engine.kv_block_size is not None)
+        where = f"workloads[{w}].engine" if own_sizes else "engine"
+        for k in engine.expand():
+            line = (f"{source}: {where}.max_num_tokens: {k.max_num_tokens} is below "
+                    f"kv_block_size {k.kv_block_size}")
+            if k.max_num_tokens < k.kv_block_size and line not in problems:
+                problems.append(line)
+    problems += engine_problems
     if problems:
         raise SpecError(problems)
     return Campaign(spec, path, config_hash, models, hardware, layouts)
+
+
+def _engine_problems(source: str, where: str, sweep: EngineSweep) -> list[str]:
+    """Each engine value checked against EngineKnobs' rules, named by its key (and index, for a swept list)."""
+    problems = []
+    for key, value in sweep.model_dump(exclude_none=True).items():
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            try:
+                EngineKnobs(**{key: v})
+            except ValidationError as err:
+                index = f"[{i}]" if isinstance(value, list) else ""
+                message = err.errors()[0]["msg"].removeprefix("Value error, ")
+                problems.append(f"{source}: {where}.{key}{index}: {message} (got {v!r})")
+    return problems
 
 
 def _relative_to(name: str, path: Path | None) -> str:
@@ -466,13 +513,38 @@ def _format_pydantic_error(source: str, error: dict[str, Any], raw: dict[str, An
     return f"{source}: {loc}: {message}{shown}"
 
 
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in _UNION_TAGS or "[" in part or part.startswith(("function-", "literal[")))
+
+
+def _without_union_noise(errors: list[Any]) -> list[Any]:
+    """Drop "Input should be a valid list/dict…" from a union branch when another branch of the same union
+    took the input and failed deeper inside it (that deeper error is the one the user needs to see)."""
+    def branch_root(loc: tuple[Any, ...]) -> int | None:
+        tags = [i for i, part in enumerate(loc) if _is_union_tag(part)]
+        return tags[-1] if tags and tags[-1] == len(loc) - 1 else None
+
+    kept = []
+    for error in errors:
+        loc, root = error["loc"], branch_root(error["loc"])
+        deeper = root is not None and any(
+            other is not error and len(other["loc"]) > root + 1 and other["loc"][:root] == loc[:root]
+            and _is_union_tag(other["loc"][root]) and other["loc"][root] != loc[root]
+            for other in errors
+        )
+        if not deeper:
+            kept.append(error)
+    return kept or errors
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     """('workloads', 0, 'osl', 2) → 'workloads[0].osl[2]'; drops pydantic's union-branch labels."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in _UNION_TAGS or "[" in str(part) or str(part).startswith(("function-", "literal[")):
+        elif _is_union_tag(part):
             continue
         else:
             text += ("." if text else "") + str(part)

@@ -43,8 +43,13 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
         if not item.feasible:
             continue  # infeasible by the plan: never run (the merge reports them from the plan)
         path = cell_file(results_dir, item.cell.id)
-        if existing_spec_hash(path) == item.cell.spec_hash:
+        stored = existing_spec_hash(path)
+        if stored == item.cell.spec_hash:
             outcomes.append(CellOutcome(item.cell.id, "skipped"))
+            continue
+        if stored is not None:  # an id collision or a hand-edited file: never overwrite, never guess
+            outcomes.append(CellOutcome(item.cell.id, "failed", f"{path} holds a different cell (spec hash "
+                                        f"{stored}, expected {item.cell.spec_hash}); move it away to remeasure"))
             continue
         by_build[BuildSpec.for_cells([item.cell])].append(item)
     for build, items in by_build.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -43,6 +44,9 @@ def build_cell_table(summary: dict[str, Any], requests: dict[str, Any] | None = 
     unknown = set(summary) - set(SUMMARY_COLUMNS)
     if unknown:
         raise KeyError(f"summary keys not in the cell schema {SCHEMA_VERSION}: {', '.join(sorted(unknown))}")
+    missing = [key for key in ("cell_id", "spec_hash") if not summary.get(key)]
+    if missing:
+        raise KeyError(f"a cell summary needs {', '.join(missing)}")
     if summary.get("status") not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}; got {summary.get('status')!r}")
     columns: dict[str, pa.Array] = {}
@@ -86,7 +90,8 @@ def write_cell(path: Path, table: pa.Table, provenance: dict[str, Any], cell_jso
         except FileExistsError:
             raise ResultExistsError(f"{path} already exists; results are never overwritten") from None
     finally:
-        os.unlink(tmp_name)
+        with contextlib.suppress(FileNotFoundError):  # pyarrow removes its own output when a write fails
+            os.unlink(tmp_name)
     return path
 
 
@@ -102,7 +107,8 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
         pq.write_table(table, tmp_name, compression="zstd")
         os.replace(tmp_name, path)
     except BaseException:
-        os.unlink(tmp_name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
         raise
     return path
 

@@ -78,7 +78,8 @@ class Replica:
         self.free_blocks = num_blocks
         self.clock = 0.0
         self.waiting: deque[int] = deque()
-        self.running: list[int] = []            # in admission order (last = first to preempt)
+        self._running: list[int] = []           # in admission order (last = first to preempt)
+        self._running_array: np.ndarray | None = None  # cached np.array(self._running)
         self.finished: list[int] = []
         self.next_of: dict[int, int] = {}       # closed loop: request -> the client's next request
         self.chains: list[list[int]] = []        # request chains submitted here (one per client; offline: 1 each)
@@ -183,8 +184,19 @@ class Replica:
         s.first_token[first] = self.clock
         self._retire_finished()
 
+    @property
+    def running(self) -> list[int]:
+        return self._running
+
+    @running.setter
+    def running(self, value: list[int]) -> None:
+        self._running = value
+        self._running_array = None
+
     def _running_ids(self) -> np.ndarray:
-        return np.fromiter(self.running, dtype=np.int64, count=len(self.running))
+        if self._running_array is None:
+            self._running_array = np.fromiter(self._running, dtype=np.int64, count=len(self._running))
+        return self._running_array
 
     def _decoding_ids(self) -> np.ndarray:
         s = self.state
@@ -215,7 +227,8 @@ class Replica:
 
     def _preempt(self, request: int) -> None:
         s = self.state
-        self.running.pop() if self.running[-1] == request else self.running.remove(request)
+        self._running.pop() if self._running[-1] == request else self._running.remove(request)
+        self._running_array = None
         self.free_blocks += int(s.blocks[request])
         s.blocks[request] = 0
         s.seq[request] = 0
@@ -256,7 +269,8 @@ class Replica:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             if not take(self.waiting[0]):
                 break
-            self.running.append(self.waiting.popleft())
+            self._running.append(self.waiting.popleft())
+            self._running_array = None
         return ids, chunks, past
 
     def _steps_until_event(self, decoding: np.ndarray) -> int:
@@ -281,12 +295,14 @@ class Replica:
         self._record(span, done, 0)
         self.clock += span
         self.busy_time += span
-        s.seq[decoding] += done
+        seq = s.seq[decoding] + done
+        s.seq[decoding] = seq
         s.generated[decoding] += done
-        new_blocks = np.maximum(self._blocks_for(s.seq[decoding]) - s.blocks[decoding], 0)
+        new_blocks = np.maximum(self._blocks_for(seq) - s.blocks[decoding], 0)
         s.blocks[decoding] += new_blocks
         self.free_blocks -= int(new_blocks.sum())
-        self._retire_finished()
+        if done == steps:  # the span ends at a finish or when blocks run out; only the former retires anyone
+            self._retire_finished()
 
     def _retire_finished(self) -> None:
         s = self.state

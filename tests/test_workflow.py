@@ -1,0 +1,106 @@
+"""Incremental reruns through Snakemake itself, with the cell files' contents checked."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.workflow
+
+
+def campaign(osl: list[int], knobs_b: dict | None = None) -> dict:
+    return {
+        "name": "incr",
+        "backend": "sim",
+        "hardware": "h200-sxm",
+        "models": ["llama-3.1-8b"],
+        "layouts": ["dp1", "tp2"],
+        "requests": 24,
+        "workloads": [
+            {"name": "a", "isl": 128, "osl": osl},
+            {"name": "b", "isl": 256, "osl": [256], **({"engine": knobs_b} if knobs_b else {})},
+        ],
+    }
+
+
+def snakemake(workdir: Path, config_file: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--profile", str(REPO / "profiles" / "local"),
+        "--config", f"campaign={config_file}", f"results_root={workdir / 'results'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def cell_files(workdir: Path) -> dict[str, tuple[str, int]]:
+    """cell id -> (sha256 of the file, mtime in ns)"""
+    folder = workdir / "results" / "incr" / "cells"
+    return {
+        p.name.removesuffix(".parquet"): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in folder.glob("*.parquet")
+    }
+
+
+def merged(workdir: Path) -> pl.DataFrame:
+    return pl.read_parquet(workdir / "results" / "incr" / "cells.parquet")
+
+
+def test_incremental_reruns(tmp_path: Path) -> None:
+    config_file = tmp_path / "incr.yaml"
+    config_file.write_text(yaml.safe_dump(campaign([256, 512])))
+
+    # 1. first run: 2 layouts × (2 + 1) workload cells, all measured
+    snakemake(tmp_path, config_file)
+    first = cell_files(tmp_path)
+    assert len(first) == 6
+    table = merged(tmp_path)
+    assert table.height == 6 and set(table["status"]) == {"ok"}
+    summary = (tmp_path / "results" / "incr" / "summary.md").read_text()
+    assert "llama-3.1-8b" in summary
+
+    # 2. a second run does nothing, and touches no file
+    again = snakemake(tmp_path, config_file)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert cell_files(tmp_path) == first
+
+    # 3. one more OSL value for workload a: only its 2 new cells (one per layout) are measured
+    config_file.write_text(yaml.safe_dump(campaign([256, 512, 1024])))
+    snakemake(tmp_path, config_file)
+    third = cell_files(tmp_path)
+    new = set(third) - set(first)
+    assert len(new) == 2 and all(".i128-o1024." in cell for cell in new)
+    assert {k: third[k] for k in first} == first  # nothing measured before was rewritten
+    assert merged(tmp_path).height == 8
+
+    # 4. a knob of workload b changes: only b's 2 cells are measured again (under new ids)
+    config_file.write_text(yaml.safe_dump(campaign([256, 512, 1024], {"max_num_seqs": 8})))
+    snakemake(tmp_path, config_file)
+    fourth = cell_files(tmp_path)
+    new = set(fourth) - set(third)
+    assert len(new) == 2 and all(".i256-o256." in cell for cell in new)
+    assert {k: fourth[k] for k in third} == third  # old b cells kept on disk, untouched
+    table = merged(tmp_path)
+    assert table.height == 8  # exactly the plan's cells: the superseded b cells are not in the merge
+    assert set(table.filter(pl.col("workload") == "b")["max_num_seqs"]) == {8}
+
+
+def test_merge_reads_only_planned_cells(tmp_path: Path) -> None:
+    config_file = tmp_path / "incr.yaml"
+    config_file.write_text(yaml.safe_dump(campaign([256])))
+    snakemake(tmp_path, config_file)
+    cells = tmp_path / "results" / "incr" / "cells"
+    stray = cells / "stray.parquet"
+    stray.write_bytes(next(cells.glob("*.parquet")).read_bytes())
+    subprocess.run([sys.executable, "-m", "infscale", "merge", str(config_file), "--results-root",
+                    str(tmp_path / "results")], check=True, capture_output=True)
+    table = merged(tmp_path)
+    assert table.height == 4 and table["cell_id"].n_unique() == 4
