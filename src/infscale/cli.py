@@ -93,7 +93,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from infscale.launch.runner import run_cells, write_job_manifest
+    from infscale.launch.runner import run_cells, write_job_summary
 
     run = _campaign_run(args)
     jobs = run.jobs()
@@ -110,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  FAILED {outcome.cell_id}: {outcome.reason}", file=sys.stderr)
     if failed:
         return 1  # no manifest: the job is not complete and Snakemake will run it again
-    write_job_manifest(run.job_manifest(args.job), args.job, outcomes)
+    write_job_summary(run.job_summary(args.job), args.job, outcomes)
     return 0
 
 
@@ -119,7 +119,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from infscale.analysis.summary import summary_markdown
 
     run = _campaign_run(args)
-    frame = merge_cells(run.planned, run.results_dir, run.campaign.hardware.gpus_per_node)
+    summaries = [run.job_summary(job) for job in run.jobs()]
+    frame = merge_cells(run.planned, run.results_dir, run.campaign.hardware.gpus_per_node, summaries)
     write_merged(frame, run.merged_file, run.campaign.config_hash)
     text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
                             run.campaign.hardware.gpus_per_node)

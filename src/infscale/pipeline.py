@@ -46,8 +46,9 @@ class CampaignRun:
     def summary_file(self) -> Path:
         return self.results_dir / "summary.md"
 
-    def job_manifest(self, job: str) -> Path:
-        return self.results_dir / "bench" / f"{job}.json"
+    def job_summary(self, job: str) -> Path:
+        """Written by the bench job when all its cells are done: their summary rows."""
+        return self.results_dir / "bench" / f"{job}.parquet"
 
     def jobs(self) -> dict[str, list[PlannedCell]]:
         """Bench jobs with at least one feasible cell, each with its feasible cells."""

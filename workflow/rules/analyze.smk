@@ -1,7 +1,7 @@
 rule merge:
     input:
         plan=CAMPAIGN.plan_file,
-        jobs=[CAMPAIGN.job_manifest(job) for job in CAMPAIGN.jobs()],
+        jobs=[CAMPAIGN.job_summary(job) for job in CAMPAIGN.jobs()],
     output:
         cells=CAMPAIGN.merged_file,
         summary=CAMPAIGN.summary_file,

@@ -8,7 +8,7 @@ wildcard_constraints:
 
 rule bench:
     output:
-        RESULTS / "bench" / "{job}.json",
+        RESULTS / "bench" / "{job}.parquet",
     params:
         cells=lambda wildcards: CAMPAIGN.job_signature(wildcards.job),
     log:

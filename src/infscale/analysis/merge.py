@@ -1,6 +1,8 @@
 """Merge a campaign's cell files into one table: exactly one row per planned cell, nothing else.
 
-Measured (or measured-infeasible) cells come from `cells/<id>.parquet`; cells the plan ruled infeasible get a row
+Measured (or measured-infeasible) cells come from `cells/<id>.parquet` — through the bench jobs' summary files
+(one Parquet per job holding its cells' summary rows) where they cover the cell, else from the cell file itself;
+a row is only taken while its cell file exists with the same spec hash. Cells the plan ruled infeasible get a row
 from the plan with the reason; a cell that failed and was not yet remeasured shows its latest failure; a cell
 with no file at all is `pending`. Stray files in the directory are never read.
 """
@@ -18,34 +20,41 @@ from infscale.results.io import cell_file, write_table_atomic
 from infscale.results.schemas import SUMMARY_COLUMNS, SUMMARY_SCHEMA
 
 
-def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: int) -> pl.DataFrame:
+def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: int,
+                summaries: list[Path] = ()) -> pl.DataFrame:
     results_dir = Path(results_dir)
-    present: list[str] = []
-    missing: list[PlannedCell] = []
-    synthetic: list[dict[str, object]] = []
-    for item in planned:
-        path = cell_file(results_dir, item.cell.id)
-        if item.feasible and path.exists():
-            present.append(str(path))
-        elif item.feasible:
-            missing.append(item)
-        else:
-            synthetic.append(_plan_row(item, gpus_per_node, "infeasible", item.reason))
+    on_disk = {p.cell.id: p.cell.spec_hash for p in planned
+               if p.feasible and cell_file(results_dir, p.cell.id).exists()}
+    indexed = _rows_from_summaries(summaries, on_disk)
+    covered = set(indexed.get_column("cell_id").to_list()) if indexed is not None else set()
+    present = [str(cell_file(results_dir, cell_id)) for cell_id in on_disk if cell_id not in covered]
+    missing = [p for p in planned if p.feasible and p.cell.id not in on_disk]
+    synthetic = [_plan_row(p, gpus_per_node, "infeasible", p.reason) for p in planned if not p.feasible]
     failures = _latest_failures(results_dir, {m.cell.id for m in missing})
     for item in missing:
         failure = failures.get(item.cell.id)
         synthetic.append(failure or _plan_row(item, gpus_per_node, "pending", "not measured yet"))
-    frames = []
+    frames = [] if indexed is None else [indexed]
     if present:
-        measured = pl.read_parquet(present, columns=SUMMARY_COLUMNS)
-        frames.append(measured)
+        frames.append(pl.read_parquet(present, columns=SUMMARY_COLUMNS))
     if synthetic:
         frames.append(pl.from_arrow(pa.Table.from_pylist(synthetic, schema=SUMMARY_SCHEMA)))
     if not frames:
         return pl.from_arrow(SUMMARY_SCHEMA.empty_table())
     merged = pl.concat(frames, how="vertical_relaxed")
     order = pl.DataFrame({"cell_id": [p.cell.id for p in planned], "plan_order": range(len(planned))})
-    return merged.join(order, on="cell_id", how="left").sort("plan_order").drop("plan_order")
+    return merged.join(order, on="cell_id", how="inner").sort("plan_order").drop("plan_order")
+
+
+def _rows_from_summaries(summaries: list[Path], wanted: dict[str, str]) -> pl.DataFrame | None:
+    """Rows found in bench-job summary files for the `wanted` cells (id -> spec hash), one per cell."""
+    frames = [pl.read_parquet(path, columns=SUMMARY_COLUMNS) for path in summaries if Path(path).exists()]
+    if not frames or not wanted:
+        return None
+    expected = pl.DataFrame({"cell_id": list(wanted), "expected_hash": list(wanted.values())})
+    rows = pl.concat(frames, how="vertical_relaxed").join(expected, on="cell_id", how="inner")
+    rows = rows.filter(pl.col("spec_hash") == pl.col("expected_hash")).drop("expected_hash")
+    return rows.unique("cell_id", keep="first", maintain_order=True)
 
 
 def _plan_row(item: PlannedCell, gpus_per_node: int, status: str, reason: str | None) -> dict[str, object]:

@@ -7,8 +7,8 @@ reason and the cell is retried by the next run; measured files are never overwri
 
 from __future__ import annotations
 
-import json
 import traceback
+from datetime import datetime, timezone
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,17 @@ from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
 from infscale.memory import GIB
 from infscale.results import provenance
-from infscale.results.io import build_cell_table, cell_file, existing_spec_hash, write_cell, write_table_atomic
+import pyarrow as pa
+
+from infscale.results.io import (
+    build_cell_table,
+    cell_file,
+    existing_spec_hash,
+    read_summary,
+    write_cell,
+    write_table_atomic,
+)
+from infscale.results.schemas import SUMMARY_COLUMNS, SUMMARY_SCHEMA
 
 
 @dataclass
@@ -27,10 +37,13 @@ class CellOutcome:
     cell_id: str
     status: str          # ok | infeasible | failed | skipped (already measured)
     reason: str | None = None
+    summary: dict | None = None  # the cell's summary row (None when failed)
 
 
-def failure_file(results_dir: Path, cell_id: str, stamp: str) -> Path:
-    return Path(results_dir) / "failures" / f"{cell_id}.{stamp.replace(':', '')}.parquet"
+def failure_file(results_dir: Path, cell_id: str) -> Path:
+    """`failures/<cell id>.<UTC stamp without dots>.parquet`: one file per failed attempt, sortable by time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return Path(results_dir) / "failures" / f"{cell_id}.{stamp}.parquet"
 
 
 def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path, backend: Backend | None = None,
@@ -45,7 +58,7 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
         path = cell_file(results_dir, item.cell.id)
         stored = existing_spec_hash(path)
         if stored == item.cell.spec_hash:
-            outcomes.append(CellOutcome(item.cell.id, "skipped"))
+            outcomes.append(CellOutcome(item.cell.id, "skipped", summary=read_summary(path)))
             continue
         if stored is not None:  # an id collision or a hand-edited file: never overwrite, never guess
             outcomes.append(CellOutcome(item.cell.id, "failed", f"{path} holds a different cell (spec hash "
@@ -72,10 +85,11 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
             meta = {**provenance.collect(campaign.name, campaign.config_hash), "artefact": artefact.info,
                     "started_at": started, "ended_at": row["ended_at"]}
             if row["status"] == "failed":
-                write_cell(failure_file(results_dir, cell.id, started), table, meta, cell.spec_json)
+                write_cell(failure_file(results_dir, cell.id), table, meta, cell.spec_json)
             else:
                 write_cell(cell_file(results_dir, cell.id), table, meta, cell.spec_json)
-            outcome = CellOutcome(cell.id, row["status"], row.get("reason"))
+            summary = None if row["status"] == "failed" else table.select(SUMMARY_COLUMNS).to_pylist()[0]
+            outcome = CellOutcome(cell.id, row["status"], row.get("reason"), summary)
             outcomes.append(outcome)
             if progress:
                 progress(outcome)
@@ -91,15 +105,13 @@ def _capacity(item: PlannedCell) -> dict[str, object]:
     }
 
 
-def write_job_manifest(path: Path, job: str, outcomes: list[CellOutcome]) -> Path:
-    """The bench rule's output: which cells this job covered and how each ended."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"job": job, "finished_at": provenance.utc_now(),
-                               "cells": [o.__dict__ for o in outcomes]}, indent=1))
-    tmp.replace(path)
-    return path
+def write_job_summary(path: Path, job: str, outcomes: list[CellOutcome]) -> Path:
+    """The bench rule's output: the summary rows of every cell of the job (an index over its cell files, so
+    the merge reads one file per job instead of one per cell; the cell files stay the source of truth)."""
+    rows = [o.summary for o in outcomes if o.summary is not None]
+    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    return write_table_atomic(table, path, {b"infscale.job": job.encode(),
+                                            b"infscale.written_at": provenance.utc_now().encode()})
 
 
-__all__ = ["CellOutcome", "run_cells", "write_job_manifest", "failure_file", "write_table_atomic"]
+__all__ = ["CellOutcome", "run_cells", "write_job_summary", "failure_file"]

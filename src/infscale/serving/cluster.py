@@ -59,11 +59,18 @@ def serve(requests: Requests, dp: int, config: ReplicaConfig, arrival: Arrival, 
 
 def _route_all_at_start(state: RequestState, replicas: list[Replica], ids: np.ndarray, work: np.ndarray,
                         router: str) -> None:
+    if router == "round_robin":
+        for index, replica in enumerate(replicas):
+            replica.submit_all(ids[index::len(replicas)], 0.0)
+        return
     load = np.zeros(len(replicas))
+    targets = np.empty(len(ids), dtype=np.int64)
     for counter, request in enumerate(ids):
         target = route(router, replicas, counter, load)
         load[target] += work[request]
-        replicas[target].submit_chain([int(request)], 0.0)
+        targets[counter] = target
+    for index, replica in enumerate(replicas):
+        replica.submit_all(ids[targets == index], 0.0)
 
 
 def _start_clients(state: RequestState, replicas: list[Replica], work: np.ndarray, router: str,
@@ -93,8 +100,8 @@ def _run_independent(state: RequestState, replicas: list[Replica]) -> None:
 
 
 def _work_signature(state: RequestState, replica: Replica) -> bytes:
-    ids = np.array([r for chain in replica.chains for r in chain], dtype=np.int64)
-    lengths = np.array([len(chain) for chain in replica.chains], dtype=np.int64)
+    ids = np.asarray(replica.planned, dtype=np.int64)
+    lengths = np.asarray(replica.chain_lengths, dtype=np.int64)
     return b"|".join(a.tobytes() for a in (state.isl[ids], state.osl[ids], lengths))
 
 

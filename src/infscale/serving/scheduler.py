@@ -82,7 +82,8 @@ class Replica:
         self._running_array: np.ndarray | None = None  # cached np.array(self._running)
         self.finished: list[int] = []
         self.next_of: dict[int, int] = {}       # closed loop: request -> the client's next request
-        self.chains: list[list[int]] = []        # request chains submitted here (one per client; offline: 1 each)
+        self.planned: list[int] = []             # every request routed here, chain by chain, in order
+        self.chain_lengths: list[int] = []       # one entry per chain (a closed-loop client; offline: 1 each)
         self.log = SeriesLog()
         self.prefill_time = 0.0
         self.busy_time = 0.0
@@ -99,16 +100,28 @@ class Replica:
 
     def submit_chain(self, chain: list[int], at: float) -> None:
         """Queue the first request of `chain` now; each next one arrives when the one before it finishes."""
-        self.chains.append(chain)
+        self.planned.extend(chain)
+        self.chain_lengths.append(len(chain))
         for request, follow in zip(chain, chain[1:]):
             self.next_of[request] = follow
         self.submit(chain[0], at)
 
+    def submit_all(self, requests: np.ndarray, at: float) -> None:
+        """Queue independent requests, all arrived at `at` (offline)."""
+        if self.idle:
+            self.clock = max(self.clock, at)
+        self.state.replica[requests] = self.index
+        self.state.arrival[requests] = at
+        listed = requests.tolist()
+        self.planned.extend(listed)
+        self.chain_lengths.extend([1] * len(listed))
+        self.waiting.extend(listed)
+
     def copy_timeline_from(self, twin: "Replica") -> None:
         """Take the results of `twin`, which ran the same work with the same (deterministic) executor."""
         s = self.state
-        mine = np.array([r for chain in self.chains for r in chain], dtype=np.int64)
-        theirs = np.array([r for chain in twin.chains for r in chain], dtype=np.int64)
+        mine = np.asarray(self.planned, dtype=np.int64)
+        theirs = np.asarray(twin.planned, dtype=np.int64)
         for name in ("arrival", "first_token", "finish", "preemptions", "prompt_target", "prefilled", "seq",
                      "generated", "blocks"):
             column = getattr(s, name)
@@ -145,14 +158,15 @@ class Replica:
     def _advance(self, horizon: float | None) -> None:
         s = self.state
         decoding = self._decoding_ids()
+        preempted = False
         if len(decoding):
-            decoding = self._reserve_decode_blocks(decoding)
+            decoding, preempted = self._reserve_decode_blocks(decoding)
         budget = self.max_num_tokens - len(decoding)
-        prefill_ids, chunks, past = self._schedule_prefills(budget, len(decoding) < len(self.running))
+        # as in vLLM's scheduler, a step that had to preempt admits nobody new
+        prefill_ids, chunks, past = self._schedule_prefills(budget, len(decoding) < len(self.running),
+                                                            admit=not preempted)
         if not prefill_ids and len(decoding):
-            # Nothing can be admitted until a request finishes (batch cap, token budget and free blocks only
-            # get worse while decoding), so run decode steps up to the next event in one call.
-            self._decode_span(decoding, self._steps_until_event(decoding), horizon)
+            self._decode_until_event(decoding, horizon)
             return
         if not prefill_ids:
             request = self.waiting[0] if self.waiting else self.running[0]
@@ -206,12 +220,14 @@ class Replica:
     def _blocks_for(self, tokens: np.ndarray | int) -> np.ndarray | int:
         return -(-tokens // self.block_size)
 
-    def _reserve_decode_blocks(self, decoding: np.ndarray) -> np.ndarray:
+    def _reserve_decode_blocks(self, decoding: np.ndarray) -> tuple[np.ndarray, bool]:
         """Give every decoding request room for one more token, preempting the newest requests if needed.
-        Returns the decoding requests that remain."""
+        Returns the decoding requests that remain, and whether any request was preempted."""
         s = self.state
         need = self._blocks_for(s.seq[decoding] + 1) - s.blocks[decoding]
+        preempted = False
         while int(need.sum()) > self.free_blocks:
+            preempted = True
             victim = self.running[-1]
             if len(self.running) == 1:
                 raise SchedulingError(
@@ -223,7 +239,7 @@ class Replica:
             decoding, need = decoding[keep], need[keep]
         s.blocks[decoding] += need
         self.free_blocks -= int(need.sum())
-        return decoding
+        return decoding, preempted
 
     def _preempt(self, request: int) -> None:
         s = self.state
@@ -237,7 +253,8 @@ class Replica:
         s.preemptions[request] += 1
         self.waiting.appendleft(request)
 
-    def _schedule_prefills(self, budget: int, partial_running: bool) -> tuple[list[int], list[int], list[int]]:
+    def _schedule_prefills(self, budget: int, partial_running: bool,
+                           admit: bool = True) -> tuple[list[int], list[int], list[int]]:
         """Prompt chunks for this iteration: unfinished prompts of running requests first, then admissions."""
         s = self.state
         ids: list[int] = []
@@ -266,7 +283,7 @@ class Replica:
             for request in running[s.prefilled[running] < s.prompt_target[running]].tolist():
                 if not take(request):
                     return ids, chunks, past
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+        while admit and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             if not take(self.waiting[0]):
                 break
             self._running.append(self.waiting.popleft())
@@ -286,6 +303,28 @@ class Replica:
         q, remainder = divmod(self.free_blocks, batch)
         rho = self.block_size - 1 if remainder >= batch else min(self.block_size - 1, int(room[remainder]))
         return max(1, min(steps, q * self.block_size + rho + 1))
+
+    def _decode_until_event(self, decoding: np.ndarray, horizon: float | None) -> None:
+        """Pure-decode spans until a request finishes, the horizon passes, or a waiting request could start.
+
+        Nothing can be admitted while only decodes run (batch cap, token budget and free blocks only get worse),
+        so each span runs many steps in one executor call; when the blocks run out, the newest requests are
+        preempted and decoding continues in the same loop, which is what makes KV-bound cells cheap to simulate.
+        """
+        s = self.state
+        while True:
+            steps = self._steps_until_event(decoding)
+            start = self.clock
+            self._decode_span(decoding, steps, horizon)
+            if horizon is not None:
+                horizon -= self.clock - start
+                if horizon <= 0:
+                    return
+            if int((s.osl[decoding] - s.generated[decoding]).min()) == 0 or not len(self._running):
+                return  # someone finished (and was retired): admissions may be possible
+            decoding, _ = self._reserve_decode_blocks(decoding)
+            if len(decoding) < len(self._running) or not len(decoding):
+                return  # a request is mid-prompt: the full scheduling step handles it
 
     def _decode_span(self, decoding: np.ndarray, steps: int, horizon: float | None) -> None:
         s = self.state
