@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infscale.backends.sim.stepmodel import SimExecutor, build_step_model
+from infscale.backends.sim.stepmodel import SimExecutor
+from infscale.perfmodel import build_step_model
 from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, LengthDist
 from infscale.catalog import get_hardware, model_from_hf_config

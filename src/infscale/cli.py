@@ -172,10 +172,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         arrival["concurrency"] = int(value)
     elif mode == "poisson":
         arrival["rate"] = float(value)
+    from infscale.catalog import CatalogError, get_hardware
+
+    try:
+        gpus_per_node = get_hardware(args.hardware).gpus_per_node
+    except CatalogError as err:
+        raise SpecError([f"infscale predict: --hardware: {err}"]) from None
     gpus = args.dp * args.tp * args.pp
     raw = {
         "name": "predict", "backend": "sim",
-        "hardware": {"name": args.hardware, "nodes": max(1, math.ceil(gpus / 8))},
+        "hardware": {"name": args.hardware, "nodes": max(1, math.ceil(gpus / gpus_per_node))},
         "models": [args.model], "precision": [args.precision], "layouts": [layout],
         "workloads": [{"name": "predict", "isl": args.isl, "osl": args.osl, "requests": requests,
                        "arrival": arrival}],

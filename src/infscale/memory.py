@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infscale.campaign.layout import Layout
+from infscale.layout import Layout
 from infscale.catalog import Hardware, ModelArch
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}

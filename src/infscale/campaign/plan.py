@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from infscale.backends.sim.stepmodel import StepModel, build_step_model
+from infscale.perfmodel import StepModel, build_step_model
 from infscale.campaign.cell import Cell
 from infscale.campaign.layout import Layout, enumerate_layouts
 from infscale.campaign.spec import Arrival, Campaign, EngineSweep, LayoutSweep, Precision
@@ -102,7 +102,7 @@ def _request_count(setting: int | str, arrival: Arrival, concurrency: int, spec)
     if setting != "auto":
         return int(setting)
     slots = arrival.concurrency if arrival.mode == "concurrency" else concurrency
-    return max(1, min(spec.max_requests, spec.requests_per_slot * max(slots or 0, 1)))
+    return max(spec.min_requests, min(spec.max_requests, spec.requests_per_slot * max(slots or 0, 1)))
 
 
 # Catalog entries hold dicts (unhashable), so the caches are keyed by names: many cells share these.

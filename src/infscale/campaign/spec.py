@@ -300,6 +300,7 @@ class CampaignSpec(_Strict):
     workloads: list[Workload] = Field(min_length=1)
     requests: int | Literal["auto"] = "auto"
     requests_per_slot: int = Field(default=4, gt=0, description="'auto' requests = this × the layout's max concurrency")
+    min_requests: int = Field(default=1, gt=0, description="lower bound for 'auto'")
     max_requests: int = Field(default=16384, gt=0, description="upper bound for 'auto'")
     arrival: ArrivalSweep = Field(default_factory=ArrivalSweep)
     engine: EngineSweep = Field(default_factory=EngineSweep)

@@ -39,12 +39,15 @@ def summarize(state: RequestState, replicas: list[Replica], gpus: int) -> dict[s
             summary[f"{name}_p{p}"] = float(np.percentile(finite, p) * scale) if len(finite) else float("nan")
         summary[f"{name}_mean"] = float(finite.mean() * scale) if len(finite) else float("nan")
 
-    running, kv, weight, prefill_time, busy = [], [], [], 0.0, 0.0
+    running, kv, kv_peak, weight, prefill_time, busy = [], [], [], [], 0.0, 0.0
     for replica in replicas:
         log = replica.log
         durations = np.asarray(log.duration)
         running.append(np.asarray(log.running, dtype=np.float64))
-        kv.append(np.asarray(log.kv_blocks_used, dtype=np.float64) / max(replica.num_blocks, 1))
+        # KV grows during a decode span: average its start and end (exact for the linear growth of a span)
+        used = (np.asarray(log.kv_blocks_used, dtype=np.float64) + np.asarray(log.kv_blocks_end, dtype=np.float64)) / 2
+        kv.append(used / max(replica.num_blocks, 1))
+        kv_peak.append(max(log.kv_blocks_end, default=0) / max(replica.num_blocks, 1))
         weight.append(durations)
         prefill_time += replica.prefill_time
         busy += replica.busy_time
@@ -55,7 +58,7 @@ def summarize(state: RequestState, replicas: list[Replica], gpus: int) -> dict[s
     else:
         summary["mean_running_batch"] = summary["mean_kv_occupancy"] = 0.0
     summary["max_running_batch"] = int(max((max(r.log.running, default=0) for r in replicas), default=0))
-    summary["max_kv_occupancy"] = float(max((float(k.max()) if len(k) else 0.0 for k in kv), default=0.0))
+    summary["max_kv_occupancy"] = float(max(kv_peak, default=0.0))
     summary["prefill_time_share"] = prefill_time / busy if busy > 0 else 0.0
     occupancy = [float(np.average(k, weights=w)) if w.sum() > 0 else 0.0 for k, w in zip(kv, weight)]
     summary["replica_kv_occupancy_cv"] = float(np.std(occupancy) / np.mean(occupancy)) if np.mean(occupancy) > 0 else 0.0

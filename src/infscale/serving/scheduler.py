@@ -61,7 +61,8 @@ class SeriesLog:
     steps: list[int] = field(default_factory=list)
     running: list[int] = field(default_factory=list)
     waiting: list[int] = field(default_factory=list)
-    kv_blocks_used: list[int] = field(default_factory=list)
+    kv_blocks_used: list[int] = field(default_factory=list)      # at the start of the span
+    kv_blocks_end: list[int] = field(default_factory=list)       # at its end (KV grows during a decode span)
     prefill_tokens: list[int] = field(default_factory=list)
 
 
@@ -185,6 +186,7 @@ class Replica:
         )
         duration = self.executor.iteration(batch)
         self._record(duration, 1, int(chunk_array.sum()))
+        self.log.kv_blocks_end.append(self.num_blocks - self.free_blocks)  # all allocated before it ran
         self.clock += duration
         self.busy_time += duration
         self.prefill_time += duration
@@ -307,24 +309,43 @@ class Replica:
     def _decode_until_event(self, decoding: np.ndarray, horizon: float | None) -> None:
         """Pure-decode spans until a request finishes, the horizon passes, or a waiting request could start.
 
-        Nothing can be admitted while only decodes run (batch cap, token budget and free blocks only get worse),
-        so each span runs many steps in one executor call; when the blocks run out, the newest requests are
-        preempted and decoding continues in the same loop, which is what makes KV-bound cells cheap to simulate.
+        While only decodes run, nothing new can be admitted (the batch cap and token budget are fixed and free
+        blocks only shrink), so each span runs many steps in one executor call. When the blocks run out, the
+        newest requests are preempted; that step admits nobody (as in vLLM), and decoding goes on in this loop
+        unless the blocks freed would let the first waiting request start.
         """
         s = self.state
+        steps = self._steps_until_event(decoding)
         while True:
-            steps = self._steps_until_event(decoding)
             start = self.clock
             self._decode_span(decoding, steps, horizon)
             if horizon is not None:
                 horizon -= self.clock - start
                 if horizon <= 0:
                     return
-            if int((s.osl[decoding] - s.generated[decoding]).min()) == 0 or not len(self._running):
+            if not len(self._running) or int((s.osl[decoding] - s.generated[decoding]).min()) == 0:
                 return  # someone finished (and was retired): admissions may be possible
-            decoding, _ = self._reserve_decode_blocks(decoding)
+            decoding, preempted = self._reserve_decode_blocks(decoding)
             if len(decoding) < len(self._running) or not len(decoding):
                 return  # a request is mid-prompt: the full scheduling step handles it
+            if not preempted:
+                steps = self._steps_until_event(decoding)
+            elif self._front_admissible(len(decoding)):
+                steps = 1  # the preempting step itself, then a full scheduling step may admit
+                self._decode_span(decoding, steps, horizon)
+                return
+            else:
+                steps = self._steps_until_event(decoding)
+
+    def _front_admissible(self, decodes: int) -> bool:
+        """Could the first waiting request get its first prompt chunk after `decodes` decode tokens?"""
+        if not self.waiting or len(self._running) >= self.max_num_seqs:
+            return False
+        budget = self.max_num_tokens - decodes
+        request = self.waiting[0]
+        s = self.state
+        chunk = min(int(s.prompt_target[request] - s.prefilled[request]), budget)
+        return chunk > 0 and self._blocks_for(int(s.seq[request]) + chunk) - int(s.blocks[request]) <= self.free_blocks
 
     def _decode_span(self, decoding: np.ndarray, steps: int, horizon: float | None) -> None:
         s = self.state
@@ -340,6 +361,7 @@ class Replica:
         new_blocks = np.maximum(self._blocks_for(seq) - s.blocks[decoding], 0)
         s.blocks[decoding] += new_blocks
         self.free_blocks -= int(new_blocks.sum())
+        self.log.kv_blocks_end.append(self.num_blocks - self.free_blocks)
         if done == steps:  # the span ends at a finish or when blocks run out; only the former retires anyone
             self._retire_finished()
 
@@ -369,3 +391,4 @@ class Replica:
         log.waiting.append(len(self.waiting))
         log.kv_blocks_used.append(self.num_blocks - self.free_blocks)
         log.prefill_tokens.append(prefill_tokens)
+

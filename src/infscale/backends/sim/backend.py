@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from infscale.backends.base import Artefact, BuildSpec, CellResult, InfeasibleCell
-from infscale.backends.sim.stepmodel import SimExecutor, build_step_model
+from infscale.backends.sim.stepmodel import SimExecutor
+from infscale.perfmodel import build_step_model
 from infscale.campaign import Campaign, Cell
 from infscale.memory import plan_memory
 from infscale.serving.cluster import ReplicaConfig, serve
