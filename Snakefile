@@ -15,6 +15,9 @@ CAMPAIGN = CampaignRun(
 RESULTS = CAMPAIGN.results_dir
 INFSCALE = config.get("infscale", f"{sys.executable} -m infscale")
 COMMON = f"{CAMPAIGN.campaign_file} --results-root {CAMPAIGN.results_root} --packing {CAMPAIGN.packing}"
+# Launcher settings (profiles/slurm/settings.yaml's `launcher:` block): validated, and checked against the
+# cluster, before anything is submitted; the bench jobs read them from a file in the results directory.
+LAUNCHER_FILE = CAMPAIGN.write_launcher_settings(config.get("launcher"))
 
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/bench.smk"

@@ -88,14 +88,14 @@ def test_bench_unknown_job_is_a_clear_error(tmp_path):
 class FlakyBackend(SimBackend):
     """Fails (or is infeasible) for chosen cells, measures the rest like the sim backend."""
 
-    def __init__(self, fail: set[str], infeasible: set[str]):
-        self.fail, self.infeasible = fail, infeasible
+    def __init__(self, fail: set[str], infeasible: set[str], message: str = "tokenizer mismatch"):
+        self.fail, self.infeasible, self.message = fail, infeasible, message
         self.measured: list[str] = []
 
     def measure(self, cell, artefact, campaign):
         self.measured.append(cell.id)
         if cell.id in self.fail:
-            raise RuntimeError("NCCL error: unhandled system error")
+            raise RuntimeError(self.message)
         if cell.id in self.infeasible:
             raise InfeasibleCell("CUDA out of memory while allocating the KV cache")
         return super().measure(cell, artefact, campaign)
@@ -107,7 +107,7 @@ def test_runner_records_failures_and_retries_only_them(tmp_path):
     broken, oom = planned[0].cell.id, planned[1].cell.id
     backend = FlakyBackend(fail={broken}, infeasible={oom})
     outcomes = {o.cell_id: o for o in run_cells(campaign, planned, tmp_path, backend)}
-    assert outcomes[broken].status == "failed" and "NCCL error" in outcomes[broken].reason
+    assert outcomes[broken].status == "failed" and "tokenizer mismatch" in outcomes[broken].reason
     assert outcomes[oom].status == "infeasible"
     assert len(list((tmp_path / "failures").glob("*.parquet"))) == 1
 
@@ -138,3 +138,30 @@ def test_merge_through_job_summaries_equals_merge_from_cell_files(tmp_path):
     (tmp_path / "cells" / f"{victim}.parquet").unlink()
     after = merge_cells(planned, tmp_path, 8, [summary])
     assert dict(zip(after["cell_id"], after["status"]))[victim] == "pending"
+
+
+def test_node_problem_stops_the_job_after_recording_the_failure(tmp_path):
+    from infscale.launch.jobfn import NodeProblem
+
+    campaign = load_campaign(small_campaign(tmp_path))
+    planned = [p for p in plan_campaign(campaign) if p.feasible]
+    sick = planned[1].cell.id
+    backend = FlakyBackend(fail={sick}, infeasible=set(), message="NCCL error: unhandled system error")
+    with pytest.raises(NodeProblem, match="NCCL"):
+        run_cells(campaign, planned, tmp_path, backend)
+    assert backend.measured == [planned[0].cell.id, sick]  # the rest waits for a healthy node
+    assert len(list((tmp_path / "failures").glob(f"{sick}.*.parquet"))) == 1
+    log = (tmp_path / "logs" / "measured.log").read_text().splitlines()
+    assert [line.split("\t")[1:3] for line in log] == [[planned[0].cell.id, "ok"], [sick, "failed"]]
+
+
+def test_cuda_oom_message_makes_the_cell_infeasible_not_failed(tmp_path, monkeypatch):
+    campaign = load_campaign(small_campaign(tmp_path))
+    planned = [p for p in plan_campaign(campaign) if p.feasible]
+    target = planned[0].cell.id
+    monkeypatch.setenv("INFSCALE_SIM_FAIL", f"oom:{target}")
+    outcomes = {o.cell_id: o for o in run_cells(campaign, planned, tmp_path)}
+    assert outcomes[target].status == "infeasible" and "CUDA out of memory" in outcomes[target].reason
+    monkeypatch.delenv("INFSCALE_SIM_FAIL")
+    again = {o.cell_id: o.status for o in run_cells(campaign, planned, tmp_path)}
+    assert again[target] == "skipped"  # recorded as infeasible: never retried

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from infscale.campaign import SpecError
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="run one bench job of a campaign (skips cells already measured)")
     _campaign_args(bench)
     bench.add_argument("--job", required=True)
+    bench.add_argument("--launcher", type=Path, help="launcher settings (YAML/JSON); default: run in this process")
+
+    status = commands.add_parser("status", help="cells done/pending/failed per bench job, with Slurm job states")
+    _campaign_args(status)
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh until every cell is done")
 
     merge = commands.add_parser("merge", help="merge the campaign's cell files; write cells.parquet, summary.md")
     _campaign_args(merge)
@@ -93,7 +99,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from infscale.launch.runner import run_cells, write_job_summary
+    from infscale.launch.driver import JobFailed, drive_job
+    from infscale.launch.registry import LockHeld
+    from infscale.launch.runner import job_outcomes, write_job_summary
+    from infscale.launch.settings import check_against_cluster, load_launcher_settings
 
     run = _campaign_run(args)
     jobs = run.jobs()
@@ -101,17 +110,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{args.config}: no bench job '{args.job}' in campaign '{run.campaign.name}'; "
               f"jobs: {', '.join(sorted(jobs)) or 'none'}", file=sys.stderr)
         return 2
-    outcomes = run_cells(run.campaign, jobs[args.job], run.results_dir)
-    measured = sum(o.status != "skipped" for o in outcomes)
-    failed = [o for o in outcomes if o.status == "failed"]
-    print(f"{args.job}: {measured} cells measured, {len(outcomes) - measured} already present, "
-          f"{len(failed)} failed")
-    for outcome in failed:
-        print(f"  FAILED {outcome.cell_id}: {outcome.reason}", file=sys.stderr)
-    if failed:
-        return 1  # no manifest: the job is not complete and Snakemake will run it again
+    settings = load_launcher_settings(args.launcher, str(args.launcher or "launcher"))
+    check_against_cluster(settings, str(args.launcher))
+    try:
+        drive_job(run, args.job, settings, log=lambda line: print(line, flush=True))
+    except (JobFailed, LockHeld) as err:
+        print(err, file=sys.stderr)
+        return 1  # no job summary: the job is not complete and Snakemake will run it again
+    outcomes = job_outcomes(run.jobs()[args.job], run.results_dir)
     write_job_summary(run.job_summary(args.job), args.job, outcomes)
+    print(f"{args.job}: all {len(outcomes)} cells on disk")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from infscale.reports import print_status
+
+    run = _campaign_run(args)
+    while True:
+        complete = print_status(run)
+        if complete or not args.watch:
+            return 0
+        time.sleep(args.watch)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -213,7 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
-    "run": cmd_run,
+    "run": cmd_run, "status": cmd_status,
 }
 
 if __name__ == "__main__":

@@ -58,6 +58,22 @@ class CampaignRun:
                 grouped[item.job].append(item)
         return dict(grouped)
 
+    def write_launcher_settings(self, raw: object) -> Path:
+        """Validate the launcher settings (and, for Slurm, check them against the cluster), then store them as
+        JSON under the results directory for the bench jobs; rewritten only when they change."""
+        from infscale.launch.settings import check_against_cluster, load_launcher_settings
+
+        settings = load_launcher_settings(raw, "launcher settings")
+        check_against_cluster(settings, "launcher settings")
+        path = self.results_dir / "launcher.json"
+        text = settings.model_dump_json(indent=1)
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".launcher.json.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        return path
+
     def job_signature(self, job: str) -> str:
         """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""
         ids = sorted(item.cell.id for item in self.jobs().get(job, []))

@@ -45,3 +45,40 @@ def print_plan(run: CampaignRun, per_cell: bool = False, console: Console | None
         f"{len(run.jobs())} bench jobs ({run.packing} packing); "
         f"estimated {sum(i.est_gpu_hours for i in feasible):,.1f} GPU-hours on {campaign.hardware.name}"
     )
+
+
+def print_status(run: CampaignRun, console: Console | None = None) -> bool:
+    """Cells done / pending / failed per bench job with its Slurm job and state; True when all are done."""
+    from rich.progress_bar import ProgressBar
+
+    from infscale.launch.registry import Registry, query_states
+    from infscale.results.io import cell_file, existing_spec_hash
+
+    console = console or Console(width=200)
+    registry = Registry(run.results_dir)
+    records = {r.job: r for r in registry.records()}
+    active = [r.last.slurm_job_id for r in records.values() if r.last and r.last.ended_at is None]
+    live = query_states(active) if active else {}
+    failures = run.results_dir / "failures"
+    failed_ids = {p.name.rsplit(".", 2)[0] for p in failures.glob("*.parquet")} if failures.is_dir() else set()
+    table = Table(title=f"status of '{run.campaign.name}' ({run.results_dir})")
+    for column in ("bench job", "cells", "done", "pending", "failed", "Slurm job", "state", "attempts"):
+        table.add_column(column, justify="left" if column in ("bench job", "Slurm job", "state") else "right")
+    total = done_total = 0
+    for job, items in run.jobs().items():
+        done = sum(existing_spec_hash(cell_file(run.results_dir, i.cell.id)) == i.cell.spec_hash for i in items)
+        failed = sum(i.cell.id in failed_ids for i in items
+                     if existing_spec_hash(cell_file(run.results_dir, i.cell.id)) != i.cell.spec_hash)
+        record = records.get(job)
+        attempt = record.last if record else None
+        state = live.get(attempt.slurm_job_id, {}).get("state", attempt.state) if attempt else "-"
+        table.add_row(job, str(len(items)), str(done), str(len(items) - done - failed), str(failed),
+                      attempt.slurm_job_id if attempt else "-", state,
+                      str(len(record.attempts)) if record else "0")
+        total += len(items)
+        done_total += done
+    console.print(table)
+    infeasible = sum(not p.feasible for p in run.planned)
+    console.print(ProgressBar(total=max(total, 1), completed=done_total, width=60))
+    console.print(f"{done_total}/{total} feasible cells done; {infeasible} infeasible by the plan (never run)")
+    return done_total == total

@@ -14,4 +14,4 @@ rule bench:
     log:
         RESULTS / "logs" / "bench" / "{job}.log",
     shell:
-        "{INFSCALE} bench {COMMON} --job {wildcards.job} > {log} 2>&1"
+        "{INFSCALE} bench {COMMON} --job {wildcards.job} --launcher {LAUNCHER_FILE} > {log} 2>&1"

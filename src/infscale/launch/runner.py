@@ -7,6 +7,8 @@ reason and the cell is retried by the next run; measured files are never overwri
 
 from __future__ import annotations
 
+import os
+import socket
 import traceback
 from datetime import datetime, timezone
 from collections import defaultdict
@@ -17,6 +19,7 @@ from typing import Callable
 from infscale.backends import Backend, BuildSpec, CellResult, InfeasibleCell, get_backend
 from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
+from infscale.launch.failures import Failure, classify_error
 from infscale.memory import GIB
 from infscale.results import provenance
 import pyarrow as pa
@@ -72,14 +75,18 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
             started = provenance.utc_now()
             row = {**cell.identity(gpus_per_node), **_capacity(item), "started_at": started}
             result: CellResult | None = None
+            node_problem: str | None = None
             try:
                 result = backend.measure(cell, artefact, campaign)
                 row.update(result.summary, status="ok", predicted=result.predicted)
             except InfeasibleCell as err:
                 row.update(status="infeasible", reason=str(err))
-            except Exception as err:  # recorded with its last traceback line, retried by the next run
+            except Exception as err:  # classified by its message: see launch/failures.py
                 last = traceback.format_exception_only(type(err), err)[-1].strip()
-                row.update(status="failed", reason=last)
+                failure = classify_error(last)
+                row.update(status="infeasible" if failure is Failure.INFEASIBLE else "failed", reason=last)
+                if failure is Failure.RETRY_ELSEWHERE:
+                    node_problem = last
             row["ended_at"] = provenance.utc_now()
             table = build_cell_table(row, result.requests if result else None, result.series if result else None)
             meta = {**provenance.collect(campaign.name, campaign.config_hash), "artefact": artefact.info,
@@ -91,9 +98,24 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
             summary = None if row["status"] == "failed" else table.select(SUMMARY_COLUMNS).to_pylist()[0]
             outcome = CellOutcome(cell.id, row["status"], row.get("reason"), summary)
             outcomes.append(outcome)
+            _log_measurement(results_dir, outcome)
             if progress:
                 progress(outcome)
+            if node_problem:
+                from infscale.launch.jobfn import NodeProblem
+
+                raise NodeProblem(f"{cell.id}: {node_problem}")
     return outcomes
+
+
+def _log_measurement(results_dir: Path, outcome: CellOutcome) -> None:
+    """Append-only audit trail: which cell was measured when, where, by which Slurm job, with what result."""
+    path = Path(results_dir) / "logs" / "measured.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = "\t".join([provenance.utc_now(), outcome.cell_id, outcome.status, socket.gethostname(),
+                      os.environ.get("SLURM_JOB_ID", "-"), (outcome.reason or "").replace("\t", " ")[:300]])
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
 
 
 def _capacity(item: PlannedCell) -> dict[str, object]:
@@ -103,6 +125,12 @@ def _capacity(item: PlannedCell) -> dict[str, object]:
         "kv_capacity_tokens": item.memory.kv_tokens_per_replica,
         "max_concurrency": item.max_concurrency,
     }
+
+
+def job_outcomes(planned: list[PlannedCell], results_dir: Path) -> list[CellOutcome]:
+    """The outcome of every cell of a job whose cells are all on disk (read back from the cell files)."""
+    return [CellOutcome(p.cell.id, "skipped", summary=read_summary(cell_file(results_dir, p.cell.id)))
+            for p in planned]
 
 
 def write_job_summary(path: Path, job: str, outcomes: list[CellOutcome]) -> Path:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import time
+
 from infscale.backends.base import Artefact, BuildSpec, CellResult, InfeasibleCell
 from infscale.backends.sim.stepmodel import SimExecutor
 from infscale.perfmodel import build_step_model
@@ -12,6 +16,30 @@ from infscale.serving.metrics import request_rows, series_rows, summarize
 from infscale.serving.workload import generate_requests
 
 
+# Fault injection, to test the launcher end to end on a real Slurm cluster without GPUs (docs/slurm.md):
+#   INFSCALE_SIM_DELAY_S=2           every cell takes at least 2 s of wall time
+#   INFSCALE_SIM_FAIL=oom:REGEX      cells whose id matches REGEX raise a CUDA out-of-memory error
+#   INFSCALE_SIM_FAIL=nccl:REGEX     … an NCCL error (the node is suspect); error:REGEX … a plain error
+_FAULTS = {
+    "oom": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (injected by INFSCALE_SIM_FAIL)",
+    "nccl": "NCCL error: unhandled system error, NCCL version 2.21.5 (injected by INFSCALE_SIM_FAIL)",
+    "error": "ValueError: injected failure (INFSCALE_SIM_FAIL)",
+}
+
+
+def _inject_faults(cell_id: str) -> None:
+    delay = float(os.environ.get("INFSCALE_SIM_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    spec = os.environ.get("INFSCALE_SIM_FAIL")
+    if spec:
+        kind, _, pattern = spec.partition(":")
+        if kind not in _FAULTS:
+            raise ValueError(f"INFSCALE_SIM_FAIL={spec!r}: kind must be one of {', '.join(_FAULTS)}")
+        if re.search(pattern, cell_id):
+            raise RuntimeError(_FAULTS[kind])
+
+
 class SimBackend:
     name = "sim"
 
@@ -19,6 +47,7 @@ class SimBackend:
         return Artefact(build=build, info={"engine": "infscale-sim"})
 
     def measure(self, cell: Cell, artefact: Artefact, campaign: Campaign) -> CellResult:
+        _inject_faults(cell.id)
         model = campaign.model_for(cell)
         hardware = campaign.hardware
         memory = plan_memory(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
