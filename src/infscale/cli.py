@@ -56,12 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary", help="print the campaign summary")
     _campaign_args(summary)
 
-    run = commands.add_parser("run", help="run the whole campaign through Snakemake and print the summary")
+    run = commands.add_parser("run", help="drive the whole campaign through Snakemake and print the summary; "
+                              "refuses while another live driver holds the campaign, takes over from a dead one")
     run.add_argument("config", type=Path)
-    run.add_argument("--profile", default="profiles/local")
-    run.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="passed on to snakemake")
+    run.add_argument("--profile", default="profiles/local", help="Snakemake profile directory")
+    run.add_argument("--settings", type=Path, help="extra Snakemake config file (e.g. launcher settings)")
+    run.add_argument("--results-root", type=Path, default=Path("results"))
+    run.add_argument("--directory", type=Path, help="Snakemake working directory (default: here)")
+    run.set_defaults(snakemake_args=[])  # anything after `--` is passed on to snakemake
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if passthrough:
+        if args.command != "run":
+            parser.error("arguments after -- are passed to snakemake by `infscale run` only")
+        args.snakemake_args = passthrough
     try:
         return COMMANDS[args.command](args)
     except SpecError as err:
@@ -161,16 +174,29 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    extra = [a for a in args.snakemake_args if a != "--"]
-    command = [sys.executable, "-m", "snakemake", "--profile", args.profile, "--config",
-               f"campaign={args.config}", *extra]
-    status = subprocess.call(command)
-    if status == 0:
-        from infscale.pipeline import CampaignRun
+    from infscale.launch.registry import LockHeld, driver_lock
+    from infscale.pipeline import CampaignRun
 
-        run = CampaignRun(args.config, Path("results"), "auto")
-        if run.summary_file.exists():
-            print(run.summary_file.read_text())
+    run = CampaignRun(args.config, args.results_root, "auto")
+    snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
+    workdir = args.directory or Path.cwd()
+    base = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+            "--profile", str(args.profile)]
+    if args.settings:
+        base += ["--configfile", str(args.settings.resolve())]
+    config = ["--config", f"campaign={args.config.resolve()}", f"results_root={args.results_root.resolve()}"]
+    extra = list(args.snakemake_args)
+    try:
+        with driver_lock(run.results_dir / "jobs" / "driver.lock", f"campaign {run.campaign.name}"):
+            if (workdir / ".snakemake" / "locks").is_dir() and any((workdir / ".snakemake" / "locks").iterdir()):
+                # we hold the campaign lock, so whoever left Snakemake's lock is dead
+                subprocess.call([*base, *config, "--unlock"], stdout=subprocess.DEVNULL)
+            status = subprocess.call([*base, *config, *extra])
+    except LockHeld as err:
+        print(err, file=sys.stderr)
+        return 1
+    if status == 0 and run.summary_file.exists():
+        print(run.summary_file.read_text())
     return status
 
 

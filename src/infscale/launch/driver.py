@@ -167,7 +167,13 @@ def _exclusions(excluded: list[str], nodes: str, settings: LauncherSettings) -> 
     """Add the failed node(s) unless that would leave the partition without a node (then retry anywhere)."""
     import subprocess
 
-    failed = [n for n in nodes.split(",") if n and n != "None assigned"]
+    if not nodes or nodes == "None assigned":
+        return excluded
+    try:
+        failed = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        failed = []
     candidate = sorted(set(excluded) | set(failed))
     command = ["sinfo", "-h", "-N", "-o", "%N"] + (["-p", settings.slurm.partition] if settings.slurm.partition else [])
     try:
