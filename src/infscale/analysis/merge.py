@@ -35,8 +35,13 @@ def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: in
         failure = failures.get(item.cell.id)
         synthetic.append(failure or _plan_row(item, gpus_per_node, "pending", "not measured yet"))
     frames = [] if indexed is None else [indexed]
-    if present:
-        frames.append(pl.read_parquet(present, columns=SUMMARY_COLUMNS))
+    if present:  # a file under a planned id but with another spec is never taken for that cell
+        direct = pl.read_parquet(present, columns=SUMMARY_COLUMNS)
+        foreign = direct.filter(pl.col("spec_hash") != pl.col("cell_id").replace_strict(on_disk, default=None))
+        if foreign.height:
+            raise ValueError(f"{foreign.height} cell file(s) hold another spec than their name says, e.g. "
+                             f"{cell_file(results_dir, foreign['cell_id'][0])}; move them away")
+        frames.append(direct)
     if synthetic:
         frames.append(pl.from_arrow(pa.Table.from_pylist(synthetic, schema=SUMMARY_SCHEMA)))
     if not frames:

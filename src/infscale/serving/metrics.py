@@ -44,7 +44,8 @@ def summarize(state: RequestState, replicas: list[Replica], gpus: int) -> dict[s
         log = replica.log
         durations = np.asarray(log.duration)
         running.append(np.asarray(log.running, dtype=np.float64))
-        # KV grows during a decode span: average its start and end (exact for the linear growth of a span)
+        # KV grows during a decode span: average its start and end (weights the span's steps equally; later
+        # steps last a little longer, so this reads slightly low for long spans)
         used = (np.asarray(log.kv_blocks_used, dtype=np.float64) + np.asarray(log.kv_blocks_end, dtype=np.float64)) / 2
         kv.append(used / max(replica.num_blocks, 1))
         kv_peak.append(max(log.kv_blocks_end, default=0) / max(replica.num_blocks, 1))
