@@ -496,11 +496,12 @@ def _relative_to(name: str, path: Path | None) -> str:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def _format_pydantic_error(source: str, error: dict[str, Any], raw: dict[str, Any]) -> str:
+def _format_pydantic_error(source: str, error: dict[str, Any], raw: dict[str, Any],
+                           root: type[BaseModel] | None = None) -> str:
     loc = _location(error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
-        parent_model = _model_at(error["loc"][:-1])
+        parent_model = _model_at(error["loc"][:-1], root or CampaignSpec)
         key = error["loc"][-1]
         allowed = sorted(parent_model.model_fields) if parent_model else []
         hint = difflib.get_close_matches(str(key), allowed, n=1)
@@ -555,9 +556,9 @@ def _location(loc: tuple[Any, ...]) -> str:
 _UNION_TAGS = {"int", "str", "float", "bool", "list", "LayoutSweep", "list[str]", "dict"}
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The pydantic model that owns the key at `loc` (for listing allowed keys)."""
-    model: type[BaseModel] | None = CampaignSpec
+    model: type[BaseModel] | None = root
     for part in loc:
         if model is None:
             return None
