@@ -28,6 +28,9 @@ class IterationBatch:
 
 
 class Executor(Protocol):
+    """Optionally also `release(ids)`: called when requests finish or are preempted, so an executor holding real
+    KV blocks can free them (the scheduler's block counts guarantee the executor never runs out)."""
+
     deterministic: bool  # True when equal batches always take equal time (a model, not a measurement)
 
     def iteration(self, batch: IterationBatch) -> float:

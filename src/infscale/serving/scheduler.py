@@ -254,6 +254,7 @@ class Replica:
         s.prompt_target[request] = s.isl[request] + s.generated[request]
         s.preemptions[request] += 1
         self.waiting.appendleft(request)
+        self._release(np.array([request], dtype=np.int64))
 
     def _schedule_prefills(self, budget: int, partial_running: bool,
                            admit: bool = True) -> tuple[list[int], list[int], list[int]]:
@@ -374,6 +375,7 @@ class Replica:
         s.finish[done] = self.clock
         self.free_blocks += int(s.blocks[done].sum())
         s.blocks[done] = 0
+        self._release(done)
         finished = set(done.tolist())
         self.finished.extend(done.tolist())
         self.running = [r for r in self.running if r not in finished]
@@ -381,6 +383,12 @@ class Replica:
             follow = self.next_of.pop(request, None)
             if follow is not None:
                 self.submit(follow, self.clock)
+
+    def _release(self, requests: np.ndarray) -> None:
+        """Tell an executor that keeps real KV blocks (torch) that these requests' blocks are free again."""
+        release = getattr(self.executor, "release", None)
+        if release is not None:
+            release(requests)
 
     def _record(self, duration: float, steps: int, prefill_tokens: int) -> None:
         log = self.log
