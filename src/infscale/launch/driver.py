@@ -122,7 +122,8 @@ def _submit(run: CampaignRun, job: str, settings: LauncherSettings, name: str, e
     import submitit
 
     slurm = settings.slurm
-    cells = [p for p in run.jobs()[job] if p.cell.id in set(missing_cells(run, job))]
+    missing = set(missing_cells(run, job))
+    cells = [p for p in run.jobs()[job] if p.cell.id in missing]
     resources = job_resources(cells, run.campaign.hardware, run.campaign.spec.backend, slurm)
     python = None
     if slurm.container is not None and slurm.container.runtime == "apptainer":
