@@ -105,7 +105,8 @@ def bench_demo() -> float:
 
 def main() -> None:
     wanted = set(sys.argv[1:]) or {"plan", "merge", "demo"}
-    print(f"# {time.strftime('%Y-%m-%d', time.gmtime())} {platform.node()} {platform.processor() or platform.machine()} "
+    machine = platform.processor() or platform.machine()
+    print(f"# {time.strftime('%Y-%m-%d', time.gmtime())} {platform.node()} {machine} "
           f"{os.cpu_count()} cores, Python {platform.python_version()}")
     if "plan" in wanted:
         count, seconds = bench_plan()

@@ -11,12 +11,12 @@ import polars as pl
 import pytest
 import yaml
 
+from infscale.analysis.merge import merge_cells
 from infscale.backends import InfeasibleCell
 from infscale.backends.sim.backend import SimBackend
 from infscale.campaign import load_campaign
 from infscale.campaign.plan import plan_campaign
 from infscale.launch.runner import run_cells
-from infscale.analysis.merge import merge_cells
 
 PREDICT_KEYS = {"output_tok_s", "output_tok_s_per_gpu", "ttft_ms_p50", "tpot_ms_p50", "max_concurrency",
                 "kv_capacity_tokens", "feasible", "reason"}

@@ -49,7 +49,8 @@ def test_unknown_executor():
 
 def test_settings_from_yaml_file(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"executor": "slurm", "slurm": {"partition": "gpu", "setup": [["module", "load", "cuda/12.4"]]}}))
+    setup = [["module", "load", "cuda/12.4"]]
+    path.write_text(yaml.safe_dump({"executor": "slurm", "slurm": {"partition": "gpu", "setup": setup}}))
     loaded = load_launcher_settings(path, "x")
     assert loaded.slurm.partition == "gpu" and loaded.slurm.setup == [["module", "load", "cuda/12.4"]]
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from infscale.backends.sim.stepmodel import SimExecutor
-from infscale.perfmodel import build_step_model
 from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, LengthDist
 from infscale.catalog import get_hardware, model_from_hf_config
+from infscale.perfmodel import build_step_model
 from infscale.serving.cluster import ReplicaConfig, serve
 from infscale.serving.executor import IterationBatch
 from infscale.serving.metrics import request_rows, series_rows, summarize

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infscale.layout import Layout
 from infscale.catalog import Hardware, ModelArch
+from infscale.layout import Layout
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 GIB = 1024**3
@@ -89,7 +89,8 @@ class MemoryPlan:
             need = (self.weights_bytes_per_gpu + self.activation_reserve_bytes) / GIB
             return (
                 f"weights {self.weights_bytes_per_gpu / GIB:.1f} GiB/GPU + reserve "
-                f"{self.activation_reserve_bytes / GIB:.1f} GiB exceed the usable {self.usable_bytes_per_gpu / GIB:.1f} "
+                f"{self.activation_reserve_bytes / GIB:.1f} GiB exceed the usable "
+                f"{self.usable_bytes_per_gpu / GIB:.1f} "
                 f"GiB/GPU of {model} at {layout} (need {need:.1f} GiB)"
             )
         if self.max_seqs(context_tokens, 1) == 0:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infscale.layout import Layout
 from infscale.catalog import Efficiency, Hardware, ModelArch
+from infscale.layout import Layout
 from infscale.memory import DTYPE_BYTES, kv_bytes_per_token_per_gpu, layers_per_stage
 
 ACTIVATION_BYTES = 2  # activations travel in bf16

@@ -5,6 +5,7 @@ from __future__ import annotations
 from infscale.catalog import Hardware, ModelArch
 from infscale.layout import Layout
 
+
 def layout_problem(layout: Layout, model: ModelArch, hardware: Hardware, max_nodes: int) -> str | None:
     """Why `layout` cannot run `model` on `max_nodes` nodes of `hardware`, or None when it can.
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from infscale.perfmodel import StepModel, build_step_model
 from infscale.campaign.cell import Cell
 from infscale.campaign.layout import Layout, enumerate_layouts
 from infscale.campaign.spec import Arrival, Campaign, EngineSweep, LayoutSweep, Precision
 from infscale.catalog import Hardware, ModelArch
 from infscale.memory import GIB, MemoryPlan, plan_memory
+from infscale.perfmodel import StepModel, build_step_model
 
 PACKING = ("layout", "model")
 

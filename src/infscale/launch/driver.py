@@ -16,7 +16,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from infscale.launch.failures import Failure, classify_state
 from infscale.launch.jobfn import BenchJob, read_outcome

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from datetime import datetime, timezone
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+
+import pyarrow as pa
 
 from infscale.backends import Backend, BuildSpec, CellResult, InfeasibleCell, get_backend
 from infscale.campaign import Campaign
@@ -22,8 +24,6 @@ from infscale.campaign.plan import PlannedCell
 from infscale.launch.failures import Failure, classify_error
 from infscale.memory import GIB
 from infscale.results import provenance
-import pyarrow as pa
-
 from infscale.results.io import (
     build_cell_table,
     cell_file,

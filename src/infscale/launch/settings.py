@@ -115,8 +115,8 @@ def load_launcher_settings(raw: Any, source: str) -> LauncherSettings:
     try:
         return LauncherSettings.model_validate(raw)
     except ValidationError as err:
-        lines = [_format_pydantic_error(source, e, raw, LauncherSettings).replace(f"{source}: ", f"{source}: launcher.", 1)
-                 for e in err.errors()]
+        lines = [_format_pydantic_error(source, e, raw, LauncherSettings)
+                 .replace(f"{source}: ", f"{source}: launcher.", 1) for e in err.errors()]
         raise SpecError(lines) from None
 
 

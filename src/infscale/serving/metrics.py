@@ -62,7 +62,8 @@ def summarize(state: RequestState, replicas: list[Replica], gpus: int) -> dict[s
     summary["max_kv_occupancy"] = float(max(kv_peak, default=0.0))
     summary["prefill_time_share"] = prefill_time / busy if busy > 0 else 0.0
     occupancy = [float(np.average(k, weights=w)) if w.sum() > 0 else 0.0 for k, w in zip(kv, weight)]
-    summary["replica_kv_occupancy_cv"] = float(np.std(occupancy) / np.mean(occupancy)) if np.mean(occupancy) > 0 else 0.0
+    mean_occupancy = float(np.mean(occupancy)) if occupancy else 0.0
+    summary["replica_kv_occupancy_cv"] = float(np.std(occupancy)) / mean_occupancy if mean_occupancy > 0 else 0.0
     return summary
 
 
@@ -93,6 +94,7 @@ def series_rows(replicas: list[Replica]) -> dict[str, np.ndarray]:
         columns["time_s"].append(np.asarray(log.time)[keep])
         columns["running"].append(np.asarray(log.running, dtype=np.int32)[keep])
         columns["waiting"].append(np.asarray(log.waiting, dtype=np.int32)[keep])
-        columns["kv_occupancy"].append(np.asarray(log.kv_blocks_used, dtype=np.float64)[keep] / max(replica.num_blocks, 1))
+        used = np.asarray(log.kv_blocks_used, dtype=np.float64)[keep]
+        columns["kv_occupancy"].append(used / max(replica.num_blocks, 1))
         columns["prefill_tokens"].append(np.asarray(log.prefill_tokens, dtype=np.int32)[keep])
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in columns.items()}

@@ -8,13 +8,12 @@ import time
 
 from infscale.backends.base import Artefact, BuildSpec, CellResult, InfeasibleCell
 from infscale.backends.sim.stepmodel import SimExecutor
-from infscale.perfmodel import build_step_model
 from infscale.campaign import Campaign, Cell
 from infscale.memory import plan_memory
+from infscale.perfmodel import build_step_model
 from infscale.serving.cluster import ReplicaConfig, serve
 from infscale.serving.metrics import request_rows, series_rows, summarize
 from infscale.serving.workload import generate_requests
-
 
 # Fault injection, to test the launcher end to end on a real Slurm cluster without GPUs (docs/slurm.md):
 #   INFSCALE_SIM_DELAY_S=2           every cell takes at least 2 s of wall time
