@@ -1,0 +1,325 @@
+"""`TorchExecutor`: the serving core's executor that runs the model and measures each iteration.
+
+It keeps, per request, the token history (random prompt tokens drawn from (seed, request id), then the greedy
+tokens it generated) and the KV blocks in the paged cache. The scheduler says what to run; the executor turns
+that into a packed batch, runs it, appends the sampled tokens and returns the measured duration.
+
+Correctness is checked as it goes, never after the numbers are out: the executor's KV lengths must match the
+contexts the scheduler states, every sampled logit must be finite (`NonFiniteLogits`), and `check_outputs`
+verifies the token count per request equals its OSL.
+
+Multi-rank replicas (TP/PP): every rank runs the same scheduler on the same requests, so they ask for the same
+batches. The only value that differs between ranks is the measured time, and the scheduler's decisions can depend
+on it (Poisson arrivals, decode horizons), so the driver rank's durations are broadcast and every rank returns
+those, with a fingerprint of the batch that followers compare to catch any divergence.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import torch
+
+from infscale.backends.torch.kvcache import KVCacheError
+from infscale.backends.torch.model import BatchMeta, DecoderModel, PrefillSeq
+from infscale.serving.executor import IterationBatch
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN/inf logits: the run is invalid and no number from it may be reported."""
+
+
+class OutputCheckError(RuntimeError):
+    """A request did not get exactly its requested number of output tokens."""
+
+
+class ReplicaDivergence(RuntimeError):
+    """Ranks of one replica were asked to run different batches (their schedulers diverged)."""
+
+
+class StepTimer:
+    """Boundaries between consecutive steps: CUDA events on GPU (read once, at the end), perf_counter on CPU.
+
+    Events recorded back to back make the steps tile the GPU timeline, so host overhead that leaves the GPU idle
+    is counted in the step that waited for it, as a wall clock would."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def start(self) -> None:
+        self.marks = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> np.ndarray:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return np.array([a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])])
+        return np.diff(np.asarray(self.marks, dtype=np.float64))
+
+    def last(self) -> float:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return self.marks[-2].elapsed_time(self.marks[-1]) / 1e3
+        return self.marks[-1] - self.marks[-2]
+
+
+def _fingerprint(*arrays: np.ndarray) -> float:
+    """A 32-bit checksum of the batch description, exact in a float64 broadcast."""
+    crc = 0
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array, dtype=np.int64).tobytes(), crc)
+    return float(crc)
+
+
+class TorchExecutor:
+    """One replica's engine: a (stage of a) `DecoderModel`, its paged KV cache and the requests' tokens."""
+
+    deterministic = False
+
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, isl: np.ndarray,
+                 osl: np.ndarray | None = None, seed: int = 0):
+        self.model = model
+        self.ctx = model.ctx
+        self.device = model.device
+        self.cache = model.new_cache(num_blocks, block_size)
+        self.block_size = block_size
+        self.isl = np.asarray(isl, dtype=np.int64)
+        self.osl = None if osl is None else np.asarray(osl, dtype=np.int64)
+        self.seed = seed
+        self.timer = StepTimer(self.device)
+        self._prompts: dict[int, np.ndarray] = {}
+        self.generated: dict[int, list[int]] = {}
+        self.iterations = 0
+        self.decode_iterations = 0
+
+    # -------------------------------------------------------------------------------------------- tokens
+
+    def prompt(self, request: int) -> np.ndarray:
+        """The request's prompt tokens: deterministic per (seed, request id), the same on every rank and run."""
+        tokens = self._prompts.get(request)
+        if tokens is None:
+            rng = np.random.default_rng([self.seed, request])
+            tokens = rng.integers(0, self.model.arch.vocab_size, int(self.isl[request]), dtype=np.int64)
+            self._prompts[request] = tokens
+        return tokens
+
+    def history_length(self, request: int) -> int:
+        return int(self.isl[request]) + len(self.generated.get(request, ()))
+
+    def history(self, request: int, start: int, stop: int) -> np.ndarray:
+        """Tokens start … stop-1 of prompt + generated (a recomputed prompt includes the generated tokens)."""
+        prompt = self.prompt(request)
+        generated = np.asarray(self.generated.get(request, ()), dtype=np.int64)
+        return np.concatenate([prompt, generated])[start:stop]
+
+    def generated_tokens(self, request: int) -> np.ndarray:
+        return np.asarray(self.generated.get(request, ()), dtype=np.int64)
+
+    def check_outputs(self, requests: np.ndarray | None = None) -> None:
+        """Raise unless every request (default: all with an OSL) generated exactly its OSL tokens."""
+        if self.osl is None:
+            raise OutputCheckError("this executor was built without the requests' OSL")
+        ids = np.arange(len(self.osl)) if requests is None else np.asarray(requests, dtype=np.int64)
+        counts = np.array([len(self.generated.get(int(r), ())) for r in ids])
+        wrong = ids[counts != self.osl[ids]]
+        if len(wrong):
+            r = int(wrong[0])
+            raise OutputCheckError(f"{len(wrong)} request(s) have the wrong token count, e.g. request {r}: "
+                                   f"{len(self.generated.get(r, ()))} generated, OSL {int(self.osl[r])}")
+
+    # -------------------------------------------------------------------------------------------- protocol
+
+    @torch.inference_mode()
+    def iteration(self, batch: IterationBatch) -> float:
+        self.timer.start()
+        meta, ids, samplers = self._prepare(batch)
+        tokens, finite = self.model.forward(ids, meta, self.cache)
+        sampled = tokens.tolist()
+        ok = bool(finite)
+        self.timer.mark()
+        if not ok:
+            raise NonFiniteLogits(f"non-finite logits in iteration {self.iterations} "
+                                  f"({len(batch.decode_ids)} decodes, {len(batch.prefill_ids)} prefill chunks)")
+        for request, token in zip(samplers, sampled):
+            self.generated.setdefault(request, []).append(int(token))
+        for request, context in zip(batch.decode_ids.tolist(), batch.decode_context.tolist()):
+            self.cache.lengths[request] = context
+        for request, chunk, past in zip(batch.prefill_ids.tolist(), batch.prefill_chunk.tolist(),
+                                        batch.prefill_past.tolist()):
+            self.cache.lengths[request] = past + chunk
+        self.iterations += 1
+        fingerprint = _fingerprint(batch.decode_ids, batch.decode_context, batch.prefill_ids,
+                                   batch.prefill_chunk, batch.prefill_past)
+        return float(self._agree(self.timer.durations(), fingerprint)[0])
+
+    @torch.inference_mode()
+    def decode_steps(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None) -> np.ndarray:
+        self.timer.start()  # the span's set-up below counts in its first step, as prep does in iteration()
+        ids = np.asarray(ids, dtype=np.int64)
+        context = np.asarray(context, dtype=np.int64)
+        requests = ids.tolist()
+        for request, ctx in zip(requests, context.tolist()):
+            self._check_decode(request, ctx)
+        # all blocks of the span up front (the scheduler sized `steps` to fit), so the table is fixed on device
+        # and each step's slots come from it without host work; unused blocks are trimmed if the span stops early
+        tables = [self.cache.allocator.ensure(r, ctx + steps - 1) for r, ctx in zip(requests, context.tolist())]
+        table = self._table_tensor(tables)
+        lens = torch.as_tensor(context, device=self.device)
+        keys = torch.as_tensor(ids, device=self.device)
+        current = torch.as_tensor([self.generated[r][-1] for r in requests], dtype=torch.int64, device=self.device)
+        rows = torch.arange(len(requests), device=self.device)
+        out = torch.empty((steps, len(requests)), dtype=torch.int64, device=self.device)
+        finite = torch.empty(steps, dtype=torch.int64, device=self.device)
+        shared: list[float] = []
+        elapsed = 0.0
+        done = 0
+        while done < steps:
+            positions = lens - 1
+            slots = table.gather(1, (positions // self.block_size)[:, None])[:, 0] * self.block_size \
+                + positions % self.block_size
+            meta = BatchMeta(positions=positions, slots=slots, keys=keys, sample_index=rows,
+                             num_decode=len(requests), decode_tables=table, decode_lens=lens)
+            current, finite[done] = self.model.forward(current, meta, self.cache)
+            out[done] = current
+            lens = lens + 1
+            done += 1
+            self.timer.mark()
+            if horizon is not None:  # every rank must stop at the same step: share the driver's clock
+                shared.append(float(self._agree(np.array([self.timer.last()]), float(done))[0]))
+                elapsed += shared[-1]
+                if elapsed >= horizon:
+                    break
+        flags = finite[:done].cpu().numpy()
+        if not flags.all():
+            raise NonFiniteLogits(f"non-finite logits at decode step {int(np.argmin(flags))} of a span of "
+                                  f"{len(requests)} requests (contexts {int(context.min())}-{int(context.max())})")
+        for request, tokens in zip(requests, out[:done].T.tolist()):
+            self.generated[request].extend(tokens)
+        for request, ctx in zip(requests, context.tolist()):
+            self.cache.lengths[request] = ctx + done - 1
+            if done < steps:
+                self.cache.allocator.trim(request, ctx + done - 1)
+        self.decode_iterations += done
+        if horizon is not None:
+            return np.asarray(shared)
+        return self._agree(self.timer.durations(), _fingerprint(ids, context, np.array([steps])))
+
+    def release(self, ids: np.ndarray) -> None:
+        """Free the KV blocks of finished or preempted requests (their tokens are kept: a preempted request is
+        recomputed from them, a finished one is checked against its OSL)."""
+        for request in np.asarray(ids).tolist():
+            self.cache.release(int(request))
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def _check_decode(self, request: int, context: int) -> None:
+        held = self.cache.lengths.get(request, 0)
+        if held != context - 1 or self.history_length(request) != context:
+            raise KVCacheError(f"request {request}: decode to context {context} but the executor holds {held} "
+                               f"tokens of KV and {self.history_length(request)} tokens of history")
+
+    def _table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        padded = np.zeros((len(tables), width), dtype=np.int64)  # padding points at block 0, masked out
+        for row, t in enumerate(tables):
+            padded[row, : len(t)] = t
+        return torch.as_tensor(padded, device=self.device)
+
+    def _prepare(self, batch: IterationBatch) -> tuple[BatchMeta, torch.Tensor, list[int]]:
+        """Allocate blocks and lay out the packed batch: decodes first, then prompt chunks."""
+        allocator = self.cache.allocator
+        tokens: list[np.ndarray] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        samplers: list[int] = []
+        sample_rows: list[int] = []
+        decode_ids = batch.decode_ids.tolist()
+        decode_context = batch.decode_context.tolist()
+        tables = []
+        for request, ctx in zip(decode_ids, decode_context):
+            self._check_decode(request, ctx)
+            tables.append(allocator.ensure(request, ctx))
+            tokens.append(np.array([self.generated[request][-1]], dtype=np.int64))
+            positions.append(np.array([ctx - 1], dtype=np.int64))
+            slots.append(self.cache.slots(request, ctx - 1, 1))
+        samplers += decode_ids
+        sample_rows += list(range(len(decode_ids)))
+        row = len(decode_ids)
+        prefills: list[PrefillSeq] = []
+        for request, chunk, past in zip(batch.prefill_ids.tolist(), batch.prefill_chunk.tolist(),
+                                        batch.prefill_past.tolist()):
+            held = self.cache.lengths.get(request, 0)
+            total = self.history_length(request)
+            if held != past or past + chunk > total:
+                raise KVCacheError(f"request {request}: prefill chunk {past}..{past + chunk} but the executor holds "
+                                   f"{held} tokens of KV and {total} tokens of history")
+            table = allocator.ensure(request, past + chunk)
+            tokens.append(self.history(request, past, past + chunk))
+            positions.append(np.arange(past, past + chunk, dtype=np.int64))
+            slots.append(self.cache.slots(request, past, chunk))
+            prefills.append(PrefillSeq(row, chunk, past, torch.as_tensor(table, device=self.device)))
+            if past + chunk == total:  # the prompt (or recomputed prompt + output) is complete: it samples
+                samplers.append(request)
+                sample_rows.append(row + chunk - 1)
+            row += chunk
+        owners = decode_ids + batch.prefill_ids.tolist()
+        keys = [np.full(len(p), r, dtype=np.int64) for r, p in zip(owners, positions)]
+        device = self.device
+        meta = BatchMeta(
+            positions=torch.as_tensor(np.concatenate(positions), device=device),
+            slots=torch.as_tensor(np.concatenate(slots), device=device),
+            keys=torch.as_tensor(np.concatenate(keys), device=device),
+            sample_index=torch.as_tensor(np.asarray(sample_rows, dtype=np.int64), device=device),
+            num_decode=len(decode_ids),
+            decode_tables=self._table_tensor(tables) if tables else None,
+            decode_lens=torch.as_tensor(np.asarray(decode_context, dtype=np.int64), device=device) if tables else None,
+            prefills=prefills,
+        )
+        return meta, torch.as_tensor(np.concatenate(tokens), device=device), samplers
+
+    def _agree(self, durations: np.ndarray, fingerprint: float) -> np.ndarray:
+        """Every rank returns the driver's durations; followers check that they ran the same batch."""
+        if self.ctx.size == 1:
+            return durations
+        payload = torch.as_tensor(np.append(durations, fingerprint), dtype=torch.float64, device=self.device)
+        self.ctx.broadcast_from_driver(payload)
+        values = payload.cpu().numpy()
+        if values[-1] != fingerprint:
+            raise ReplicaDivergence(f"rank {self.ctx.rank} ran a different batch from the driver rank "
+                                    "(the replicated schedulers diverged)")
+        return values[:-1]
+
+    # -------------------------------------------------------------------------------------------- warm-up
+
+    @torch.inference_mode()
+    def warmup(self, prompt_tokens: int = 16, decode: int = 4) -> None:
+        """One prefill and a few decode steps of a throw-away request (first-call costs out of the measurement).
+        Every rank of the replica must call it. Needs ceil((prompt_tokens + decode) / block_size) free blocks."""
+        request = -1
+        rng = np.random.default_rng([self.seed, 2**32])
+        self._prompts[request] = rng.integers(0, self.model.arch.vocab_size, prompt_tokens, dtype=np.int64)
+        isl = self.isl
+        self.isl = np.append(isl, prompt_tokens)  # index -1 is the warm-up request's ISL
+        try:
+            empty = np.zeros(0, dtype=np.int64)
+            self.iteration(IterationBatch(empty, empty, np.array([request]), np.array([prompt_tokens]),
+                                          np.array([0])))
+            self.decode_steps(np.array([request]), np.array([prompt_tokens + 1]), decode, None)
+        finally:
+            self.release(np.array([request]))
+            self.isl = isl
+            self._prompts.pop(request, None)
+            self.generated.pop(request, None)
+            self.model.reset_expert_counts()
+            self.iterations = self.decode_iterations = 0

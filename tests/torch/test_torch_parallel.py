@@ -1,0 +1,61 @@
+"""TP and PP on 2 gloo processes give the same model as one process: the same greedy tokens for the same seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infscale.backends.torch.parallel import ParallelContext, ParallelError, kv_head_start, kv_heads_local
+from infscale.backends.torch.routing import ExpertPopularity
+from infscale.backends.torch.spawn import ServeSpec, serve_on_ranks
+from infscale.campaign.spec import Arrival
+from infscale.serving.cluster import ReplicaConfig
+from infscale.serving.workload import Requests
+
+pytestmark = pytest.mark.torch
+
+ISL = np.array([19, 7, 26, 12, 22])
+OSL = np.array([14, 20, 9, 17, 11])
+
+
+def _spec(arch, tp: int = 1, pp: int = 1, num_blocks: int = 20, **extra) -> ServeSpec:
+    requests = Requests(ISL, OSL, np.zeros(len(ISL)))
+    arrival = extra.pop("arrival", Arrival())
+    if arrival.mode == "poisson":
+        requests.arrival = np.arange(len(ISL)) * 5e-3
+    # 20 blocks of 4 tokens: a request needs up to 9, so the tiny pool preempts; chunks of ≤ 16 tokens
+    config = ReplicaConfig(num_blocks=num_blocks, block_size=4, max_num_seqs=5, max_num_tokens=16)
+    return ServeSpec(arch, requests, config, tp=tp, pp=pp, dtype="float32", seed=9, arrival=arrival, **extra)
+
+
+def test_stage_layers_and_kv_head_sharding():
+    assert [ParallelContext(pp=3, pp_rank=r).stage_layers(8) for r in range(3)] == [range(0, 3), range(3, 6),
+                                                                                      range(6, 8)]
+    assert kv_heads_local(8, 4) == 2 and kv_head_start(8, 4, 3) == 6
+    # TP beyond the KV heads replicates them: ranks 0-1 hold head 0, ranks 2-3 head 1
+    assert kv_heads_local(2, 4) == 1 and [kv_head_start(2, 4, r) for r in range(4)] == [0, 0, 1, 1]
+    with pytest.raises(ParallelError):
+        kv_heads_local(4, 3)
+
+
+def test_tp2_and_pp2_generate_the_tp1_tokens(arch):
+    moe = ExpertPopularity("zipf", 1.2, seed=1)
+    cases = {
+        "llama tp2": (arch(), 2, 1, {}),
+        "llama pp2": (arch(), 1, 2, {}),
+        "1 kv head tp2 (replicated)": (arch(num_kv_heads=1), 2, 1, {}),
+        "qwen2 odd vocab tp2 (padded shard)": (arch("qwen2", vocab_size=255), 2, 1, {}),
+        "qwen3_moe tp2": (arch("qwen3_moe"), 2, 1, {"popularity": moe}),
+        "qwen3 pp2 poisson": (arch("qwen3"), 1, 2, {"arrival": Arrival(mode="poisson", rate=200.0)}),
+    }
+    singles = serve_on_ranks([_spec(a, **extra) for a, _, _, extra in cases.values()])
+    multis = serve_on_ranks([_spec(a, tp, pp, **extra) for a, tp, pp, extra in cases.values()])
+    for name, single, multi in zip(cases, singles, multis):
+        assert (multi.state.generated == OSL).all(), name
+        if "poisson" not in name:
+            assert multi.state.preemptions.sum() > 0, name  # the tiny pool preempts on every layout
+        for request in range(len(ISL)):
+            assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
+    moe_single, moe_multi = singles[4], multis[4]
+    for layer, counts in moe_single.expert_counts.items():  # the same routing on one rank and on two
+        np.testing.assert_array_equal(moe_multi.expert_counts[layer], counts)
