@@ -22,8 +22,9 @@ import zlib
 import numpy as np
 import torch
 
+from infscale.backends.torch.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from infscale.backends.torch.kvcache import KVCacheError
-from infscale.backends.torch.model import BatchMeta, DecoderModel, PrefillSeq
+from infscale.backends.torch.model import BatchMeta, DecoderModel, PrefillSeq, TorchFastOps
 from infscale.serving.executor import IterationBatch
 
 
@@ -82,17 +83,42 @@ def _fingerprint(*arrays: np.ndarray) -> float:
     return float(crc)
 
 
+def make_fast_ops(kind: str | None, device: torch.device):
+    """The fast path's operations: "triton" (the kernels of triton_attention), "torch" (the same fused step in
+    plain torch), or None: triton on CUDA where it is installed, else torch."""
+    if kind is None:
+        from infscale.backends.torch import triton_attention
+
+        kind = "triton" if device.type == "cuda" and triton_attention.available() else "torch"
+    if kind == "torch":
+        return TorchFastOps()
+    if kind == "triton":
+        from infscale.backends.torch.triton_attention import TritonOps
+
+        return TritonOps()
+    raise ValueError(f"fast_ops must be 'triton', 'torch' or None, not {kind!r}")
+
+
 class TorchExecutor:
-    """One replica's engine: a (stage of a) `DecoderModel`, its paged KV cache and the requests' tokens."""
+    """One replica's engine: a (stage of a) `DecoderModel`, its paged KV cache and the requests' tokens.
+
+    Fast path (`fast`; default: on for a CUDA device when the model supports it): pure-decode spans run as CUDA
+    graphs of `DecoderModel.fast_decode` (see graphs.py), one per batch size in `graph_sizes` up to the number
+    of requests, with the fused kernels of triton_attention (`fast_ops`). Spans larger than the largest size,
+    spans whose contexts outgrow the graphs' block tables, prefill iterations and models the path does not
+    support run eagerly as before. `warmup()` tunes the kernels (CUDA), captures every graph, then warms the
+    path up with a throw-away request; without it graphs are captured when first needed. On CPU, fast=True
+    records the step instead of capturing it (`graph_mode` "record"): the same buffers and padding, for tests."""
 
     deterministic = False
 
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, isl: np.ndarray,
-                 osl: np.ndarray | None = None, seed: int = 0):
+                 osl: np.ndarray | None = None, seed: int = 0, fast: bool | None = None,
+                 fast_ops: str | None = None, graph_sizes: tuple[int, ...] | None = None,
+                 graph_mode: str | None = None, max_context: int | None = None, tune: bool | None = None):
         self.model = model
         self.ctx = model.ctx
         self.device = model.device
-        self.cache = model.new_cache(num_blocks, block_size)
         self.block_size = block_size
         self.isl = np.asarray(isl, dtype=np.int64)
         self.osl = None if osl is None else np.asarray(osl, dtype=np.int64)
@@ -102,6 +128,28 @@ class TorchExecutor:
         self.generated: dict[int, list[int]] = {}
         self.iterations = 0
         self.decode_iterations = 0
+        self.fast_steps = 0
+        unsupported = model.fast_decode_unsupported()
+        if fast is None:
+            fast = self.device.type == "cuda" and unsupported is None
+        elif fast and unsupported is not None:
+            raise ValueError(f"the fast decode path does not support {model.arch.name}: {unsupported}")
+        self.graphs: DecodeGraphs | None = None
+        if not fast:
+            self.cache = model.new_cache(num_blocks, block_size)
+            return
+        # one block more than the scheduler's pool: the scratch block padded rows of a captured batch use
+        self.cache = model.new_cache(num_blocks, block_size, extra_blocks=1)
+        if max_context is None:
+            longest = int((self.isl + (self.osl if self.osl is not None else 0)).max()) if len(self.isl) else 0
+            max_context = longest + 16 if self.osl is not None else model.arch.max_context
+        sizes = tuple(graph_sizes or DEFAULT_BATCH_SIZES)
+        cap = next((b for b in sorted(sizes) if b >= max(1, len(self.isl))), max(sizes))
+        sizes = tuple(b for b in sizes if b <= cap)
+        self.ops = make_fast_ops(fast_ops, self.device)
+        self.tune = self.device.type == "cuda" and self.ops.name == "triton" if tune is None else tune
+        self.graphs = DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
+                                   batch_sizes=sizes, mode=graph_mode)
 
     # -------------------------------------------------------------------------------------------- tokens
 
@@ -174,6 +222,8 @@ class TorchExecutor:
         # all blocks of the span up front (the scheduler sized `steps` to fit), so the table is fixed on device
         # and each step's slots come from it without host work; unused blocks are trimmed if the span stops early
         tables = [self.cache.allocator.ensure(r, ctx + steps - 1) for r, ctx in zip(requests, context.tolist())]
+        if self.graphs is not None and self.graphs.fits(len(requests), max(map(len, tables))):
+            return self._graph_span(ids, context, steps, horizon, tables)
         table = self._table_tensor(tables)
         lens = torch.as_tensor(context, device=self.device)
         keys = torch.as_tensor(ids, device=self.device)
@@ -214,6 +264,57 @@ class TorchExecutor:
         if horizon is not None:
             return np.asarray(shared)
         return self._agree(self.timer.durations(), _fingerprint(ids, context, np.array([steps])))
+
+    def _graph_span(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None,
+                    tables: list[list[int]]) -> np.ndarray:
+        """decode_steps through the captured graphs: one load, one replay per step, one read-back."""
+        requests = ids.tolist()
+        n = len(requests)
+        graphs = self.graphs
+        last = np.asarray([self.generated[r][-1] for r in requests], dtype=np.int64)
+        b = graphs.load(last, context, tables)
+        history = torch.empty((steps, 2, n), dtype=torch.int64, device=self.device)  # (tokens, finite flags)
+        shared: list[float] = []
+        elapsed = 0.0
+        done = 0
+        while done < steps:
+            history[done].copy_(graphs.replay(b)[:, :n])
+            done += 1
+            self.timer.mark()
+            if horizon is not None:  # every rank must stop at the same step: share the driver's clock
+                shared.append(float(self._agree(np.array([self.timer.last()]), float(done))[0]))
+                elapsed += shared[-1]
+                if elapsed >= horizon:
+                    break
+        host = history[:done].cpu().numpy()
+        flags = host[:, 1].all(axis=1)
+        if not flags.all():
+            raise NonFiniteLogits(f"non-finite logits at decode step {int(np.argmin(flags))} of a span of "
+                                  f"{n} requests (contexts {int(context.min())}-{int(context.max())}, CUDA-graph "
+                                  f"batch {b})")
+        for request, tokens in zip(requests, host[:, 0].T.tolist()):
+            self.generated[request].extend(tokens)
+        for request, ctx in zip(requests, context.tolist()):
+            self.cache.lengths[request] = ctx + done - 1
+            if done < steps:
+                self.cache.allocator.trim(request, ctx + done - 1)
+        self.decode_iterations += done
+        self.fast_steps += done
+        if horizon is not None:
+            return np.asarray(shared)
+        return self._agree(self.timer.durations(), _fingerprint(ids, context, np.array([steps])))
+
+    def prepare_fast_path(self) -> None:
+        """Tune the kernels for the graphs' batch sizes (CUDA, triton) and capture every graph. Every rank of
+        the replica must call it (the captured steps hold the TP collectives)."""
+        if self.graphs is None:
+            return
+        if self.tune and not getattr(self, "_tuned", False):
+            from infscale.backends.torch.triton_attention import tune_linear
+
+            tune_linear(self.ops, self.model.fast_linear_sites(), self.graphs.sizes)
+            self._tuned = True
+        self.graphs.capture()
 
     def release(self, ids: np.ndarray) -> None:
         """Free the KV blocks of finished or preempted requests (their tokens are kept: a preempted request is
@@ -305,7 +406,9 @@ class TorchExecutor:
     @torch.inference_mode()
     def warmup(self, prompt_tokens: int = 16, decode: int = 4) -> None:
         """One prefill and a few decode steps of a throw-away request (first-call costs out of the measurement).
-        Every rank of the replica must call it. Needs ceil((prompt_tokens + decode) / block_size) free blocks."""
+        Every rank of the replica must call it. Needs ceil((prompt_tokens + decode) / block_size) free blocks.
+        With the fast path, first tunes its kernels and captures its CUDA graphs (prepare_fast_path)."""
+        self.prepare_fast_path()
         request = -1
         rng = np.random.default_rng([self.seed, 2**32])
         self._prompts[request] = rng.integers(0, self.model.arch.vocab_size, prompt_tokens, dtype=np.int64)
@@ -322,4 +425,4 @@ class TorchExecutor:
             self._prompts.pop(request, None)
             self.generated.pop(request, None)
             self.model.reset_expert_counts()
-            self.iterations = self.decode_iterations = 0
+            self.iterations = self.decode_iterations = self.fast_steps = 0

@@ -26,7 +26,7 @@ from infscale.backends.torch.attention import (
     paged_decode_attention,
     paged_prefill_attention,
 )
-from infscale.backends.torch.kvcache import PagedKVCache
+from infscale.backends.torch.kvcache import BlockAllocator, PagedKVCache
 from infscale.backends.torch.parallel import ParallelContext, ParallelError, kv_head_start, kv_heads_local
 from infscale.backends.torch.routing import ExpertPopularity, systematic_topk, target_shares, token_uniforms
 from infscale.catalog.models import ModelArch
@@ -399,9 +399,15 @@ class DecoderModel:
         for block in self.moe_blocks().values():
             block.counts.zero_()
 
-    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        return PagedKVCache(len(self.layers), num_blocks, block_size, self.kv_heads, self.arch.head_dim,
-                            self.dtype, self.device)
+    def new_cache(self, num_blocks: int, block_size: int, extra_blocks: int = 0) -> PagedKVCache:
+        """A KV cache of `num_blocks` allocatable blocks; `extra_blocks` more exist in the pools beyond the
+        allocator's reach (ids num_blocks …): the fast path's scratch block, where padded rows of a captured
+        batch write and read."""
+        cache = PagedKVCache(len(self.layers), num_blocks + extra_blocks, block_size, self.kv_heads,
+                             self.arch.head_dim, self.dtype, self.device)
+        if extra_blocks:
+            cache.allocator = BlockAllocator(num_blocks, block_size)
+        return cache
 
     # -------------------------------------------------------------------------------------------- forward
 
@@ -417,6 +423,16 @@ class DecoderModel:
         """Full-vocabulary fp32 logits of the given (last-stage) hidden rows."""
         local = F.linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head)
         return self.ctx.all_gather_last_dim(local)[:, : self.arch.vocab_size].float()
+
+    def forward_logits(self, ids: torch.Tensor, meta: BatchMeta, cache: PagedKVCache) -> torch.Tensor:
+        """The eager path's fp32 logits of the sampled rows (single stage only): what the fast path is checked
+        against."""
+        if self.ctx.pp != 1:
+            raise ParallelError("forward_logits needs the whole model on this rank (pp = 1)")
+        hidden = self.embed_tokens(ids)
+        for local, layer in enumerate(self.layers):
+            hidden = layer(hidden, meta, cache, local, self.inv_freq)
+        return self.logits(hidden[meta.sample_index])
 
     def forward(self, ids: torch.Tensor, meta: BatchMeta, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the packed batch through this stage. Returns, on every rank, the greedy tokens of the sampled rows
@@ -439,6 +455,76 @@ class DecoderModel:
         ctx.broadcast_from_last_stage(out)
         return out[:samples], out[samples]
 
+    # -------------------------------------------------------------------------------------------- fast decode
+
+    def fast_decode_unsupported(self) -> str | None:
+        """Why this model (stage) cannot take the fast decode path, or None when it can. The fast path is one
+        pure-decode step of the whole model on one PP stage, with no host synchronisation (capturable)."""
+        if self.ctx.pp != 1:
+            return "pipeline parallelism (the stages hand off through point-to-point sends)"
+        if self.moe_blocks():
+            return "MoE layers (the grouped expert loop synchronises with the host)"
+        d = self.arch.head_dim
+        if d < 16 or d & (d - 1):
+            return f"head_dim {d} (the kernels need a power of two >= 16)"
+        return None
+
+    def fast_linear_sites(self) -> dict[str, tuple[list[torch.Tensor], bool, bool]]:
+        """The fast path's projections for kernel tuning: site -> (its weight in every layer, dual (the SwiGLU
+        gate/up pair), partial_ok (its consumer sums split-K partials: o and down at TP1))."""
+        partial_ok = self.ctx.tp == 1
+        sites = {
+            "qkv": ([layer.attn.w_qkv for layer in self.layers], False, False),
+            "o": ([layer.attn.w_o for layer in self.layers], False, partial_ok),
+            "gate_up": ([layer.mlp.w_gate_up for layer in self.layers], True, False),
+            "down": ([layer.mlp.w_down for layer in self.layers], False, partial_ok),
+        }
+        if self.lm_head is not None:
+            sites["lm_head"] = ([self.lm_head], False, False)
+        return sites
+
+    def rope_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, head_dim / 2] in fp32, computed exactly as apply_rope computes them."""
+        cached = getattr(self, "_rope_tables", None)
+        if cached is not None and cached[0].shape[0] >= positions:
+            return cached
+        freqs = torch.arange(positions, device=self.device).float()[:, None] * self.inv_freq[None, :]
+        self._rope_tables = (freqs.cos().contiguous(), freqs.sin().contiguous())
+        return self._rope_tables
+
+    def fast_decode(self, ids: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor,
+                    cache: PagedKVCache, ops, max_context: int, result: torch.Tensor,
+                    layer_collectives: bool = True) -> torch.Tensor:
+        """One decode step of B requests without host synchronisation (what a CUDA graph captures).
+
+        ids [B] the last token of each request; lens [B] its context including that token; tables [B, M] its
+        blocks (padded rows of the batch point at a scratch block, with lens 1 and valid False); `ops` supplies
+        the fused operations (TritonOps, or TorchFastOps: the same step in plain torch). `max_context` bounds
+        lens (it fixes the attention's partitions). In place: result[0] = the greedy tokens, result[1] = 1 where
+        the row's logits are all finite (or the row is padding), ids = the tokens, lens += valid. Returns the
+        logits [B, vocab] in the model dtype. `layer_collectives=False` leaves out the per-layer TP all-reduces
+        (wrong results: only to time their share of the step)."""
+        ctx = self.ctx
+        cos, sin = self.rope_tables(max_context)
+        partial_ok = ctx.tp == 1
+        reduce = ctx.all_reduce if layer_collectives else (lambda t: t)
+        hidden = self.embed_tokens(ids)
+        delta = None
+        for local, layer in enumerate(self.layers):
+            attn, mlp = layer.attn, layer.mlp
+            x = ops.add_rmsnorm(hidden, delta, layer.input_norm, self.eps)
+            qkv = ops.linear(x, attn.w_qkv, "qkv")
+            q = ops.rope_kv(qkv, lens, tables, cos, sin, cache.k[local], cache.v[local], attn.heads,
+                            attn.kv_heads, attn.head_dim, attn.b_qkv, attn.q_norm, attn.k_norm, self.eps)
+            out = ops.attention(q, cache.k[local], cache.v[local], tables, lens, max_context)
+            delta = reduce(ops.linear(out.reshape(out.shape[0], -1), attn.w_o, "o", partial_ok))
+            x = ops.add_rmsnorm(hidden, delta, layer.post_norm, self.eps)
+            delta = reduce(ops.linear(ops.gate_up(x, mlp.w_gate_up), mlp.w_down, "down", partial_ok))
+        x = ops.add_rmsnorm(hidden, delta, self.final_norm, self.eps)
+        logits = ctx.all_gather_last_dim(ops.linear(x, self.lm_head, "lm_head"))[:, : self.arch.vocab_size]
+        ops.finish(logits, valid, result, ids, lens)
+        return logits
+
     @torch.inference_mode()
     def reference_logits(self, ids: torch.Tensor, key: int = 0) -> torch.Tensor:
         """Logits at every position of one sequence, with no KV cache (contiguous causal attention); `key` is
@@ -454,3 +540,71 @@ class DecoderModel:
         for local, layer in enumerate(self.layers):
             hidden = layer(hidden, meta, None, local, self.inv_freq)
         return self.logits(hidden)
+
+
+# ------------------------------------------------------------------------------------------------ fast-path ops
+
+
+class TorchFastOps:
+    """The fast decode path's fused operations in plain torch: the reference `TritonOps` is tested against, and
+    the path's implementation where triton is absent (CPU; CUDA graphs of plain torch ops on a GPU). Same
+    signatures and the same rounding as TritonOps."""
+
+    name = "torch"
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, site: str = "", partial_ok: bool = False,
+               config=None) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def gate_up(self, x: torch.Tensor, w_gate_up: torch.Tensor, site: str = "gate_up", config=None) -> torch.Tensor:
+        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+        if delta is not None:
+            if delta.dim() == 3:  # fp32 split-K partials
+                delta = delta.sum(0).to(residual.dtype)
+            residual.add_(delta)
+        return rms_norm(residual, weight, eps)
+
+    def rope_kv(self, qkv: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int,
+                head_dim: int, bias: torch.Tensor | None, q_norm: torch.Tensor | None,
+                k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+        tokens = qkv.shape[0]
+        block_size = k_pool.shape[1]
+        positions = lens - 1
+        blocks = tables.gather(1, (positions // block_size)[:, None])[:, 0].to(torch.int64)
+        slots = blocks * block_size + positions % block_size
+        if bias is not None:
+            qkv = qkv + bias
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q = q.reshape(tokens, heads, head_dim)
+        k = k.reshape(tokens, kv_heads, head_dim)
+        v = v.reshape(tokens, kv_heads, head_dim)
+        if q_norm is not None:
+            q = rms_norm(q, q_norm, eps)
+            k = rms_norm(k, k_norm, eps)
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.float().chunk(2, dim=-1)
+            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+        q, k = rotate(q), rotate(k)
+        k_pool.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+        v_pool.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+        return q
+
+    def attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                  lens: torch.Tensor, max_context: int, config=None) -> torch.Tensor:
+        return paged_decode_attention(q, k_pool, v_pool, tables.to(torch.int64), lens)
+
+    def finish(self, logits: torch.Tensor, valid: torch.Tensor, result: torch.Tensor, ids: torch.Tensor,
+               lens: torch.Tensor) -> None:
+        tokens = logits.argmax(dim=-1)
+        result[0].copy_(tokens)
+        result[1].copy_(torch.isfinite(logits.sum(dim=-1, dtype=torch.float32)) | ~valid)
+        ids.copy_(tokens)
+        lens.add_(valid.to(lens.dtype))
