@@ -91,6 +91,8 @@ def _drive_slurm(run: CampaignRun, job: str, settings: LauncherSettings, registr
         state = _wait(registry, attempt, settings, log, job)
         attempt.ended_at = utc_now()
         registry.save(record)
+        if not missing_cells(run, job):
+            return  # every cell is on disk, whatever the end state says (e.g. a USR2 right after the last cell)
         failure = classify_state(state["state"])
         outcome = read_outcome(run.results_dir, attempt.slurm_job_id) or {}
         if outcome.get("status") == "retry_elsewhere":

@@ -84,10 +84,12 @@ class Registry:
         by one `sacct` call for all of them."""
         cache = self.folder / ".status.json"
         with _flock(self.folder / ".status.lock"):
-            if cache.exists():
+            try:
                 data = json.loads(cache.read_text())
                 if time.time() - data["queried_at"] < max_age_s:
                     return data["states"]
+            except (OSError, ValueError, KeyError):
+                pass  # no cache, or a damaged one: query again
             states = query_states(self.active_ids())
             tmp = cache.with_name(f".status.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"queried_at": time.time(), "states": states}))
@@ -95,7 +97,8 @@ class Registry:
             return states
 
     def invalidate_states(self) -> None:
-        (self.folder / ".status.json").unlink(missing_ok=True)
+        with _flock(self.folder / ".status.lock"):
+            (self.folder / ".status.json").unlink(missing_ok=True)
 
 
 def query_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -114,7 +117,29 @@ def query_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
             job_id, state, nodes, exit_code, reason = parts[:5]
             states[job_id] = {"state": state.split()[0] if state else "UNKNOWN", "nodes": nodes,
                               "exit_code": exit_code, "reason": reason}
+    # A job Slurm requeued (node failure, preemption) keeps its id; for a few seconds sacct still shows the old
+    # terminal state while squeue already lists it as pending. The queue is the truth for jobs it still holds.
+    for job_id, queued in _queued_states(set(job_ids)).items():
+        previous = states.get(job_id, {"nodes": "", "exit_code": "", "reason": ""})
+        states[job_id] = {**previous, "state": queued}
     return states
+
+
+def _queued_states(job_ids: set[str]) -> dict[str, str]:
+    """States of the given jobs that are still in the queue (one `squeue` call for the user's jobs)."""
+    import getpass
+
+    command = ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    queued = {}
+    for line in out.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        if job_id in job_ids and state:
+            queued[job_id] = state
+    return queued
 
 
 def find_active_by_name(name: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infscale.campaign.spec import SpecError, _format_pydantic_error
 
@@ -67,6 +67,13 @@ class SlurmSettings(_Strict):
     signal_delay_s: int = Field(default=120, ge=5, description="USR2 this long before the time limit")
     max_requeues: int = Field(default=3, ge=0, description="timeouts/preemptions resumed per job")
     max_retries: int = Field(default=2, ge=0, description="node failures and NCCL/Xid errors retried per job")
+
+    @model_validator(mode="after")
+    def _time_bounds(self) -> "SlurmSettings":
+        if self.time_limit_min_min > self.time_limit_max_min:
+            raise ValueError(f"time_limit_min_min={self.time_limit_min_min} exceeds "
+                             f"time_limit_max_min={self.time_limit_max_min}")
+        return self
 
     @field_validator("partition", "account", "qos")
     @classmethod
