@@ -232,7 +232,6 @@ class TorchExecutor:
         out = torch.empty((steps, len(requests)), dtype=torch.int64, device=self.device)
         finite = torch.empty(steps, dtype=torch.int64, device=self.device)
         shared: list[float] = []
-        elapsed = 0.0
         done = 0
         while done < steps:
             positions = lens - 1
@@ -244,26 +243,13 @@ class TorchExecutor:
             out[done] = current
             lens = lens + 1
             done += 1
-            self.timer.mark()
-            if horizon is not None:  # every rank must stop at the same step: share the driver's clock
-                shared.append(float(self._agree(np.array([self.timer.last()]), float(done))[0]))
-                elapsed += shared[-1]
-                if elapsed >= horizon:
-                    break
+            if self._step_done(done, horizon, shared):
+                break
         flags = finite[:done].cpu().numpy()
         if not flags.all():
             raise NonFiniteLogits(f"non-finite logits at decode step {int(np.argmin(flags))} of a span of "
                                   f"{len(requests)} requests (contexts {int(context.min())}-{int(context.max())})")
-        for request, tokens in zip(requests, out[:done].T.tolist()):
-            self.generated[request].extend(tokens)
-        for request, ctx in zip(requests, context.tolist()):
-            self.cache.lengths[request] = ctx + done - 1
-            if done < steps:
-                self.cache.allocator.trim(request, ctx + done - 1)
-        self.decode_iterations += done
-        if horizon is not None:
-            return np.asarray(shared)
-        return self._agree(self.timer.durations(), _fingerprint(ids, context, np.array([steps])))
+        return self._finish_span(ids, context, steps, done, out[:done].T.tolist(), horizon, shared)
 
     def _graph_span(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None,
                     tables: list[list[int]]) -> np.ndarray:
@@ -275,31 +261,41 @@ class TorchExecutor:
         b = graphs.load(last, context, tables)
         history = torch.empty((steps, 2, n), dtype=torch.int64, device=self.device)  # (tokens, finite flags)
         shared: list[float] = []
-        elapsed = 0.0
         done = 0
         while done < steps:
             history[done].copy_(graphs.replay(b)[:, :n])
             done += 1
-            self.timer.mark()
-            if horizon is not None:  # every rank must stop at the same step: share the driver's clock
-                shared.append(float(self._agree(np.array([self.timer.last()]), float(done))[0]))
-                elapsed += shared[-1]
-                if elapsed >= horizon:
-                    break
+            if self._step_done(done, horizon, shared):
+                break
         host = history[:done].cpu().numpy()
         flags = host[:, 1].all(axis=1)
         if not flags.all():
             raise NonFiniteLogits(f"non-finite logits at decode step {int(np.argmin(flags))} of a span of "
                                   f"{n} requests (contexts {int(context.min())}-{int(context.max())}, CUDA-graph "
                                   f"batch {b})")
-        for request, tokens in zip(requests, host[:, 0].T.tolist()):
+        self.fast_steps += done
+        return self._finish_span(ids, context, steps, done, host[:, 0].T.tolist(), horizon, shared)
+
+    def _step_done(self, done: int, horizon: float | None, shared: list[float]) -> bool:
+        """Mark a decode step's end; with a horizon, every rank must stop at the same step, so the driver's
+        step time is shared and summed. True when the span must stop here."""
+        self.timer.mark()
+        if horizon is None:
+            return False
+        shared.append(float(self._agree(np.array([self.timer.last()]), float(done))[0]))
+        return sum(shared) >= horizon
+
+    def _finish_span(self, ids: np.ndarray, context: np.ndarray, steps: int, done: int,
+                     tokens_per_request: list[list[int]], horizon: float | None, shared: list[float]) -> np.ndarray:
+        """Record a span's tokens, set the KV lengths (returning blocks a shortened span did not use), and
+        return its per-step durations (agreed across ranks)."""
+        for request, tokens in zip(ids.tolist(), tokens_per_request):
             self.generated[request].extend(tokens)
-        for request, ctx in zip(requests, context.tolist()):
+        for request, ctx in zip(ids.tolist(), context.tolist()):
             self.cache.lengths[request] = ctx + done - 1
             if done < steps:
                 self.cache.allocator.trim(request, ctx + done - 1)
         self.decode_iterations += done
-        self.fast_steps += done
         if horizon is not None:
             return np.asarray(shared)
         return self._agree(self.timer.durations(), _fingerprint(ids, context, np.array([steps])))
