@@ -104,3 +104,24 @@ def test_merge_reads_only_planned_cells(tmp_path: Path) -> None:
                     str(tmp_path / "results")], check=True, capture_output=True)
     table = merged(tmp_path)
     assert table.height == 4 and table["cell_id"].n_unique() == 4
+
+
+def test_local_submitit_executor_gives_the_debug_executors_results(tmp_path: Path) -> None:
+    """The `local` executor runs each bench job in a submitit subprocess: same cells, same numbers."""
+    raw = campaign([64, 128])
+    frames = {}
+    for executor in ("debug", "local"):
+        workdir = tmp_path / executor
+        workdir.mkdir()
+        config_file = workdir / "incr.yaml"
+        config_file.write_text(yaml.safe_dump(raw))
+        settings = workdir / "settings.yaml"
+        settings.write_text(yaml.safe_dump({"packing": "layout", "launcher": {"executor": executor}}))
+        result = subprocess.run(
+            [sys.executable, "-m", "infscale", "run", str(config_file), "--profile", str(REPO / "profiles" / "local"),
+             "--settings", str(settings), "--results-root", str(workdir / "results"), "--directory", str(workdir)],
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        frames[executor] = merged(workdir).drop("started_at", "ended_at")
+        assert (workdir / "results" / "incr" / "jobs" / "submitit").is_dir() == (executor == "local")
+    assert frames["debug"].height == 6 and frames["debug"].equals(frames["local"])
