@@ -1,10 +1,10 @@
-"""Backends: `sim` (analytical model, runs anywhere), `torch` and `trtllm` (real engines, later issues)."""
+"""Backends: `sim` (analytical model, runs anywhere), `torch` (measured, PyTorch), `trtllm` (a later issue)."""
 
 from __future__ import annotations
 
 from infscale.backends.base import Artefact, Backend, BuildSpec, CellResult, InfeasibleCell
 
-AVAILABLE = ("sim",)
+AVAILABLE = ("sim", "torch")
 
 
 def get_backend(name: str) -> Backend:
@@ -12,8 +12,14 @@ def get_backend(name: str) -> Backend:
         from infscale.backends.sim.backend import SimBackend
 
         return SimBackend()
-    if name in ("torch", "trtllm"):
-        raise NotImplementedError(f"the '{name}' backend is not part of this infscale version yet; use 'sim'")
+    if name == "torch":
+        try:
+            from infscale.backends.torch.backend import TorchBackend
+        except ImportError as err:
+            raise RuntimeError(f"the 'torch' backend needs PyTorch ({err}); install infscale[torch]") from None
+        return TorchBackend()
+    if name == "trtllm":
+        raise NotImplementedError("the 'trtllm' backend is not part of this infscale version yet; use 'sim'")
     raise ValueError(f"unknown backend '{name}'; allowed: sim, torch, trtllm")
 
 
