@@ -54,6 +54,7 @@ class TorchBackend:
 
         def make_executor(_: int) -> TorchExecutor:
             executor = TorchExecutor(model, num_blocks, block, requests.isl, requests.osl, cell.seed)
+            executor.warmup()  # kernel tuning, CUDA-graph capture, first-use costs: never inside the measurement
             executors.append(executor)
             return executor
 
