@@ -52,7 +52,7 @@ def print_status(run: CampaignRun, console: Console | None = None) -> bool:
     from rich.progress_bar import ProgressBar
 
     from infscale.launch.registry import Registry, query_states
-    from infscale.results.io import cell_file, existing_spec_hash
+    from infscale.results.io import cell_file, existing_spec_hash, failure_cell_id
 
     console = console or Console(width=200)
     registry = Registry(run.results_dir)
@@ -60,15 +60,16 @@ def print_status(run: CampaignRun, console: Console | None = None) -> bool:
     active = [r.last.slurm_job_id for r in records.values() if r.last and r.last.ended_at is None]
     live = query_states(active) if active else {}
     failures = run.results_dir / "failures"
-    failed_ids = {p.name.rsplit(".", 2)[0] for p in failures.glob("*.parquet")} if failures.is_dir() else set()
+    failed_ids = {failure_cell_id(p) for p in failures.glob("*.parquet")} if failures.is_dir() else set()
     table = Table(title=f"status of '{run.campaign.name}' ({run.results_dir})")
     for column in ("bench job", "cells", "done", "pending", "failed", "Slurm job", "state", "attempts"):
         table.add_column(column, justify="left" if column in ("bench job", "Slurm job", "state") else "right")
     total = done_total = 0
     for job, items in run.jobs().items():
-        done = sum(existing_spec_hash(cell_file(run.results_dir, i.cell.id)) == i.cell.spec_hash for i in items)
-        failed = sum(i.cell.id in failed_ids for i in items
-                     if existing_spec_hash(cell_file(run.results_dir, i.cell.id)) != i.cell.spec_hash)
+        on_disk = {i.cell.id for i in items
+                   if existing_spec_hash(cell_file(run.results_dir, i.cell.id)) == i.cell.spec_hash}
+        done = len(on_disk)
+        failed = sum(i.cell.id in failed_ids for i in items if i.cell.id not in on_disk)
         record = records.get(job)
         attempt = record.last if record else None
         state = live.get(attempt.slurm_job_id, {}).get("state", attempt.state) if attempt else "-"

@@ -15,8 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from infscale.campaign.plan import PlannedCell
-from infscale.memory import GIB
-from infscale.results.io import cell_file, write_table_atomic
+from infscale.results.io import cell_file, failure_cell_id, write_table_atomic
 from infscale.results.schemas import SUMMARY_COLUMNS, SUMMARY_SCHEMA
 
 
@@ -67,10 +66,7 @@ def _plan_row(item: PlannedCell, gpus_per_node: int, status: str, reason: str | 
         **item.cell.identity(gpus_per_node),
         "status": status,
         "reason": reason,
-        "weights_gib_per_gpu": item.memory.weights_bytes_per_gpu / GIB,
-        "kv_bytes_per_token_per_gpu": item.memory.kv_bytes_per_token_per_gpu,
-        "kv_capacity_tokens": item.memory.kv_tokens_per_replica,
-        "max_concurrency": item.max_concurrency,
+        **item.capacity_columns(),
     }
 
 
@@ -81,7 +77,7 @@ def _latest_failures(results_dir: Path, wanted: set[str]) -> dict[str, dict[str,
         return {}
     latest: dict[str, Path] = {}
     for path in sorted(folder.glob("*.parquet")):
-        cell_id = path.name.rsplit(".", 2)[0]
+        cell_id = failure_cell_id(path)
         if cell_id in wanted:
             latest[cell_id] = path  # sorted by stamp, so the last one wins
     if not latest:

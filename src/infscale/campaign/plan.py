@@ -32,6 +32,15 @@ class PlannedCell:
     def est_gpu_hours(self) -> float:
         return self.est_seconds * self.cell.layout.gpus / 3600
 
+    def capacity_columns(self) -> dict[str, object]:
+        """The capacity columns of the cell's result row (see results.schemas.CAPACITY_FIELDS)."""
+        return {
+            "weights_gib_per_gpu": self.memory.weights_bytes_per_gpu / GIB,
+            "kv_bytes_per_token_per_gpu": self.memory.kv_bytes_per_token_per_gpu,
+            "kv_capacity_tokens": self.memory.kv_tokens_per_replica,
+            "max_concurrency": self.max_concurrency,
+        }
+
 
 def job_id(cell: Cell, packing: str) -> str:
     """`layout`: one job per model × precision × layout (what a GPU allocation needs); `model`: one per model."""
@@ -157,10 +166,7 @@ def plan_rows(planned: list[PlannedCell], gpus_per_node: int) -> list[dict[str, 
             "precision": cell.precision.label,
             "feasible": item.feasible,
             "reason": item.reason,
-            "weights_gib_per_gpu": item.memory.weights_bytes_per_gpu / GIB,
-            "kv_bytes_per_token_per_gpu": item.memory.kv_bytes_per_token_per_gpu,
-            "kv_capacity_tokens": item.memory.kv_tokens_per_replica,
-            "max_concurrency": item.max_concurrency,
+            **item.capacity_columns(),
             "est_seconds": item.est_seconds,
             "est_gpu_hours": item.est_gpu_hours,
         })

@@ -12,7 +12,6 @@ import socket
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -22,12 +21,12 @@ from infscale.backends import Backend, BuildSpec, CellResult, InfeasibleCell, ge
 from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
 from infscale.launch.failures import Failure, classify_error
-from infscale.memory import GIB
 from infscale.results import provenance
 from infscale.results.io import (
     build_cell_table,
     cell_file,
     existing_spec_hash,
+    failure_file,
     read_summary,
     write_cell,
     write_table_atomic,
@@ -43,10 +42,6 @@ class CellOutcome:
     summary: dict | None = None  # the cell's summary row (None when failed)
 
 
-def failure_file(results_dir: Path, cell_id: str) -> Path:
-    """`failures/<cell id>.<UTC stamp without dots>.parquet`: one file per failed attempt, sortable by time."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    return Path(results_dir) / "failures" / f"{cell_id}.{stamp}.parquet"
 
 
 def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path, backend: Backend | None = None,
@@ -73,7 +68,7 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
         for item in items:
             cell = item.cell
             started = provenance.utc_now()
-            row = {**cell.identity(gpus_per_node), **_capacity(item), "started_at": started}
+            row = {**cell.identity(gpus_per_node), **item.capacity_columns(), "started_at": started}
             result: CellResult | None = None
             node_problem: str | None = None
             try:
@@ -117,14 +112,6 @@ def _log_measurement(results_dir: Path, outcome: CellOutcome) -> None:
     with open(path, "a") as handle:
         handle.write(line + "\n")
 
-
-def _capacity(item: PlannedCell) -> dict[str, object]:
-    return {
-        "weights_gib_per_gpu": item.memory.weights_bytes_per_gpu / GIB,
-        "kv_bytes_per_token_per_gpu": item.memory.kv_bytes_per_token_per_gpu,
-        "kv_capacity_tokens": item.memory.kv_tokens_per_replica,
-        "max_concurrency": item.max_concurrency,
-    }
 
 
 def job_outcomes(planned: list[PlannedCell], results_dir: Path) -> list[CellOutcome]:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,17 @@ class SchemaVersionError(ValueError):
 
 def cell_file(results_dir: Path, cell_id: str) -> Path:
     return Path(results_dir) / "cells" / f"{cell_id}.parquet"
+
+
+def failure_file(results_dir: Path, cell_id: str) -> Path:
+    """`failures/<cell id>.<UTC stamp without dots>.parquet`: one file per failed attempt, sortable by time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return Path(results_dir) / "failures" / f"{cell_id}.{stamp}.parquet"
+
+
+def failure_cell_id(path: Path) -> str:
+    """The cell id in a `failure_file` name (cell ids hold dots; the stamp does not)."""
+    return path.name.rsplit(".", 2)[0]
 
 
 def build_cell_table(summary: dict[str, Any], requests: dict[str, Any] | None = None,
