@@ -608,3 +608,33 @@ def test_node_down_mid_job_requeues_and_campaign_completes(make_campaign) -> Non
     assert sorted(ok) == camp.cell_ids() and set(ok.values()) == {1}, (ok, camp.diagnose())
     assert {j.job_id for j in camp.settled_jobs(1)} == {job_id}, "the requeued job was not waited for"
     assert camp.merged()["status"].to_list() == ["ok"] * 6
+
+
+def test_torch_backend_runs_one_task_per_gpu_rank(make_campaign) -> None:
+    """The torch backend through sbatch: a TP2 and a DP2 cell run as jobs of two tasks (one per GPU rank, gloo
+    on this CPU-only cluster) that join one process group; task 0 measures, the other follows it."""
+    import polars as pl
+
+    if os.environ.get("INFSCALE_REQUIRE_TORCH") != "1":
+        pytest.importorskip("torch")
+    tiny = REPO_ROOT / "tests" / "data" / "hf" / "tiny-llama.json"
+    spec = {"backend": "torch", "hardware": "h100-sxm", "models": [str(tiny)], "layouts": ["dp1", "tp2", "dp2"],
+            "requests": 4, "engine": {"max_num_seqs": 4, "max_num_tokens": 64},
+            "workloads": [{"name": "w", "isl": 16, "osl": 6}]}
+    camp = make_campaign("torchranks", spec, slurm_launcher(account=ACCOUNT, cpus_per_gpu=2, mem_per_gpu_gb=4))
+    groups = camp.groups()
+    assert len(groups) == 3, groups
+    camp.drive_ok(timeout=300)
+
+    merged = camp.merged()
+    assert merged["status"].to_list() == ["ok"] * 3, merged.select("cell_id", "status", "reason")
+    assert (merged["output_tokens"] == 4 * 6).all() and not merged["predicted"].any()
+    jobs = {j.name: j.job_id for j in camp.settled_jobs(3)}
+    for job, name in camp.job_names().items():
+        gpus = 1 if ".dp1tp1pp1" in groups[job][0] else 2
+        steps = run("sacct", "-n", "-P", "-j", jobs[name], "-o", "JobID,NTasks,AllocTRES").stdout.splitlines()
+        tasks = [int(line.split("|")[1]) for line in steps if line.split("|")[0].endswith(".0")]
+        assert tasks == [gpus], (job, steps)  # the job step ran one task per GPU rank
+        assert f"gres/gpu={gpus}" in steps[0], steps
+    tp2 = next(c for c in camp.cell_ids() if ".dp1tp2pp1." in c)
+    assert pl.read_parquet(camp.results_dir / "cells" / f"{tp2}.parquet")["gpu_name"].to_list() == ["cpu"]

@@ -21,7 +21,7 @@ def test_tiny_campaign_is_measured_by_the_torch_backend(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "name": "tiny-torch", "backend": "torch", "hardware": "h100-sxm", "models": [str(TINY_LLAMA)],
-        "layouts": ["dp1", "dp2", "tp2"], "requests": 6,
+        "layouts": ["dp1", "dp2", "tp2", "pp2"], "requests": 6,
         "engine": {"max_num_seqs": 4, "max_num_tokens": 64},
         "workloads": [{"name": "w", "isl": 24, "osl": [8, 12]}],
     }))
@@ -29,10 +29,28 @@ def test_tiny_campaign_is_measured_by_the_torch_backend(tmp_path):
     planned = plan_campaign(campaign)
     outcomes = {o.cell_id: o for o in run_cells(campaign, [p for p in planned if p.feasible], tmp_path)}
     merged = merge_cells(planned, tmp_path, campaign.hardware.gpus_per_node)
-    single = merged.filter(pl.col("tp") == 1)
-    assert single.height == 4 and set(single["status"]) == {"ok"}
-    assert not single["predicted"].any()  # measured, not modelled
-    assert (single["output_tokens"] == 6 * single["osl_max"]).all()
-    assert (single["output_tok_s"] > 0).all() and (single["tpot_ms_p50"] > 0).all()
-    multi = [o for o in outcomes.values() if ".dp1tp2pp1." in o.cell_id]
-    assert len(multi) == 2 and all(o.status == "failed" and "multi-rank" in o.reason for o in multi)
+    assert merged.height == 8 and set(merged["status"]) == {"ok"}, merged.select("cell_id", "status", "reason")
+    assert len(outcomes) == 8
+    assert not merged["predicted"].any()  # measured, not modelled
+    assert (merged["output_tokens"] == 6 * merged["osl_max"]).all()
+    assert (merged["output_tok_s"] > 0).all() and (merged["tpot_ms_p50"] > 0).all()
+    assert set(merged["gpu_name"]) == {"cpu"}
+    # DP2 ran two replicas in two processes: each took its round-robin half of the requests
+    dp2 = merged.filter(pl.col("dp") == 2)["cell_id"][0]
+    detail = pl.read_parquet(tmp_path / "cells" / f"{dp2}.parquet", columns=["requests_detail"])
+    replicas = detail.explode("requests_detail").unnest("requests_detail")
+    assert replicas.group_by("replica").len().sort("replica")["len"].to_list() == [3, 3]
+    assert (replicas["finish_s"] > replicas["first_token_s"]).all()
+
+
+def test_least_loaded_poisson_is_refused_for_separate_replicas(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny-torch", "backend": "torch", "hardware": "h100-sxm", "models": [str(TINY_LLAMA)],
+        "layouts": ["dp2"], "requests": 4, "engine": {"router": "least_loaded"},
+        "workloads": [{"name": "w", "isl": 16, "osl": 4, "arrival": {"mode": "poisson", "rate": 10.0}}],
+    }))
+    campaign = load_campaign(config)
+    planned = [p for p in plan_campaign(campaign) if p.feasible]
+    (outcome,) = run_cells(campaign, planned, tmp_path)
+    assert outcome.status == "failed" and "use router round_robin" in outcome.reason

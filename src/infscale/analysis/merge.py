@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from infscale.campaign.plan import PlannedCell
 from infscale.results.io import cell_file, failure_cell_id, write_table_atomic
@@ -35,7 +36,7 @@ def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: in
         synthetic.append(failure or _plan_row(item, gpus_per_node, "pending", "not measured yet"))
     frames = [] if indexed is None else [indexed]
     if present:  # a file under a planned id but with another spec is never taken for that cell
-        direct = pl.read_parquet(present, columns=SUMMARY_COLUMNS)
+        direct = read_summary_rows(present)
         foreign = direct.filter(pl.col("spec_hash") != pl.col("cell_id").replace_strict(on_disk, default=None))
         if foreign.height:
             raise ValueError(f"{foreign.height} cell file(s) hold another spec than their name says, e.g. "
@@ -50,9 +51,21 @@ def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: in
     return merged.join(order, on="cell_id", how="inner").sort("plan_order").drop("plan_order")
 
 
+def read_summary_rows(paths: list[str]) -> pl.DataFrame:
+    """The summary columns of result files; files of an older minor schema version (without the columns added
+    since) are read one by one and the missing columns are null."""
+    try:
+        return pl.read_parquet(paths, columns=SUMMARY_COLUMNS)
+    except pl.exceptions.ColumnNotFoundError:
+        empty = pl.from_arrow(SUMMARY_SCHEMA.empty_table())
+        frames = [pl.read_parquet(path, columns=[c for c in SUMMARY_COLUMNS if c in pq.read_schema(path).names])
+                  for path in paths]
+        return pl.concat([empty, *frames], how="diagonal_relaxed").select(SUMMARY_COLUMNS)
+
+
 def _rows_from_summaries(summaries: list[Path], wanted: dict[str, str]) -> pl.DataFrame | None:
     """Rows found in bench-job summary files for the `wanted` cells (id -> spec hash), one per cell."""
-    frames = [pl.read_parquet(path, columns=SUMMARY_COLUMNS) for path in summaries if Path(path).exists()]
+    frames = [read_summary_rows([str(path)]) for path in summaries if Path(path).exists()]
     if not frames or not wanted:
         return None
     expected = pl.DataFrame({"cell_id": list(wanted), "expected_hash": list(wanted.values())})
@@ -82,7 +95,7 @@ def _latest_failures(results_dir: Path, wanted: set[str]) -> dict[str, dict[str,
             latest[cell_id] = path  # sorted by stamp, so the last one wins
     if not latest:
         return {}
-    rows = pl.read_parquet([str(p) for p in latest.values()], columns=SUMMARY_COLUMNS).to_dicts()
+    rows = read_summary_rows([str(p) for p in latest.values()]).to_dicts()
     return {row["cell_id"]: row for row in rows}
 
 

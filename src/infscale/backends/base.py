@@ -54,6 +54,7 @@ class CellResult:
     summary: dict[str, Any]                      # metric columns of the cell schema
     requests: dict[str, Any] | None = None       # per-request columns
     series: dict[str, Any] | None = None         # time-series columns
+    telemetry: dict[str, Any] | None = None      # GPU telemetry samples (telemetry.py)
     predicted: bool = False
 
 
@@ -67,3 +68,5 @@ class Backend(Protocol):
     def measure(self, cell: Cell, artefact: Artefact, campaign: Campaign) -> CellResult:
         """Run one cell. Raise InfeasibleCell when the hardware cannot run it."""
         ...
+
+    # optional: `close()` releases what the backend holds across cells (rank processes); the runner calls it

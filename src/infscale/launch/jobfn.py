@@ -33,18 +33,41 @@ class BenchJob(Checkpointable):
         run = CampaignRun(Path(self.campaign_file), Path(self.results_root), self.packing)
         outcome: dict[str, object] = {"job": self.job, "host": socket.gethostname(),
                                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started_at": utc_now()}
+        backend = None
+        if run.campaign.spec.backend == "torch" and task_count() > 1:
+            # one task per GPU: task 0 runs the cells and leads; the others serve their ranks until it stops
+            from infscale.backends.torch.backend import TorchBackend
+            from infscale.backends.torch.workers import JoinedRanks, join_slurm_tasks
+
+            member = join_slurm_tasks()
+            if member.rank != 0:
+                member.follow()
+                return {**outcome, "status": "follower", "rank": member.rank, "ended_at": utc_now()}
+            backend = TorchBackend(ranks=JoinedRanks(member))
         try:
-            outcomes = run_cells(run.campaign, run.jobs().get(self.job, []), run.results_dir)
+            outcomes = run_cells(run.campaign, run.jobs().get(self.job, []), run.results_dir, backend)
         except NodeProblem as err:
             outcome.update(status="retry_elsewhere", reason=str(err), ended_at=utc_now())
             write_outcome(run.results_dir, outcome)
             raise
+        finally:
+            if backend is not None:
+                backend.close()  # releases the follower tasks
         failed = [o for o in outcomes if o.status == "failed"]
         outcome.update(status="failed" if failed else "done", ended_at=utc_now(),
                        measured=sum(o.status != "skipped" for o in outcomes),
                        failed=[{"cell_id": o.cell_id, "reason": o.reason} for o in failed])
         write_outcome(run.results_dir, outcome)
         return outcome
+
+
+def task_count() -> int:
+    """Tasks of this submitit job (1 outside one, or for the local executor)."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return 1
+    import submitit
+
+    return submitit.JobEnvironment().num_tasks
 
 
 def outcome_file(results_dir: Path, slurm_job_id: str | None) -> Path:

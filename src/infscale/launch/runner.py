@@ -46,6 +46,7 @@ class CellOutcome:
 
 def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path, backend: Backend | None = None,
               progress: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+    owned = backend is None
     backend = backend or get_backend(campaign.spec.backend)
     gpus_per_node = campaign.hardware.gpus_per_node
     by_build: dict[BuildSpec, list[PlannedCell]] = defaultdict(list)
@@ -63,43 +64,48 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
                                         f"{stored}, expected {item.cell.spec_hash}); move it away to remeasure"))
             continue
         by_build[BuildSpec.for_cells([item.cell])].append(item)
-    for build, items in by_build.items():
-        artefact = backend.prepare(BuildSpec.for_cells([i.cell for i in items]), campaign)
-        for item in items:
-            cell = item.cell
-            started = provenance.utc_now()
-            row = {**cell.identity(gpus_per_node), **item.capacity_columns(), "started_at": started}
-            result: CellResult | None = None
-            node_problem: str | None = None
-            try:
-                result = backend.measure(cell, artefact, campaign)
-                row.update(result.summary, status="ok", predicted=result.predicted)
-            except InfeasibleCell as err:
-                row.update(status="infeasible", reason=str(err))
-            except Exception as err:  # classified by its message: see launch/failures.py
-                last = traceback.format_exception_only(type(err), err)[-1].strip()
-                failure = classify_error(last)
-                row.update(status="infeasible" if failure is Failure.INFEASIBLE else "failed", reason=last)
-                if failure is Failure.RETRY_ELSEWHERE:
-                    node_problem = last
-            row["ended_at"] = provenance.utc_now()
-            table = build_cell_table(row, result.requests if result else None, result.series if result else None)
-            meta = {**provenance.collect(campaign.name, campaign.config_hash), "artefact": artefact.info,
-                    "started_at": started, "ended_at": row["ended_at"]}
-            if row["status"] == "failed":
-                write_cell(failure_file(results_dir, cell.id), table, meta, cell.spec_json)
-            else:
-                write_cell(cell_file(results_dir, cell.id), table, meta, cell.spec_json)
-            summary = None if row["status"] == "failed" else table.select(SUMMARY_COLUMNS).to_pylist()[0]
-            outcome = CellOutcome(cell.id, row["status"], row.get("reason"), summary)
-            outcomes.append(outcome)
-            _log_measurement(results_dir, outcome)
-            if progress:
-                progress(outcome)
-            if node_problem:
-                from infscale.launch.jobfn import NodeProblem
+    try:
+        for build, items in by_build.items():
+            artefact = backend.prepare(BuildSpec.for_cells([i.cell for i in items]), campaign)
+            for item in items:
+                cell = item.cell
+                started = provenance.utc_now()
+                row = {**cell.identity(gpus_per_node), **item.capacity_columns(), "started_at": started}
+                result: CellResult | None = None
+                node_problem: str | None = None
+                try:
+                    result = backend.measure(cell, artefact, campaign)
+                    row.update(result.summary, status="ok", predicted=result.predicted)
+                except InfeasibleCell as err:
+                    row.update(status="infeasible", reason=str(err))
+                except Exception as err:  # classified by its message: see launch/failures.py
+                    last = traceback.format_exception_only(type(err), err)[-1].strip()
+                    failure = classify_error(last)
+                    row.update(status="infeasible" if failure is Failure.INFEASIBLE else "failed", reason=last)
+                    if failure is Failure.RETRY_ELSEWHERE:
+                        node_problem = last
+                row["ended_at"] = provenance.utc_now()
+                table = build_cell_table(row, result.requests if result else None, result.series if result else None,
+                                         result.telemetry if result else None)
+                meta = {**provenance.collect(campaign.name, campaign.config_hash), "artefact": artefact.info,
+                        "started_at": started, "ended_at": row["ended_at"]}
+                if row["status"] == "failed":
+                    write_cell(failure_file(results_dir, cell.id), table, meta, cell.spec_json)
+                else:
+                    write_cell(cell_file(results_dir, cell.id), table, meta, cell.spec_json)
+                summary = None if row["status"] == "failed" else table.select(SUMMARY_COLUMNS).to_pylist()[0]
+                outcome = CellOutcome(cell.id, row["status"], row.get("reason"), summary)
+                outcomes.append(outcome)
+                _log_measurement(results_dir, outcome)
+                if progress:
+                    progress(outcome)
+                if node_problem:
+                    from infscale.launch.jobfn import NodeProblem
 
-                raise NodeProblem(f"{cell.id}: {node_problem}")
+                    raise NodeProblem(f"{cell.id}: {node_problem}")
+    finally:
+        if owned and hasattr(backend, "close"):  # rank processes and the like
+            backend.close()
     return outcomes
 
 

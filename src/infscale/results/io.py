@@ -20,6 +20,7 @@ from infscale.results.schemas import (
     SERIES_STRUCT,
     STATUSES,
     SUMMARY_COLUMNS,
+    TELEMETRY_STRUCT,
 )
 
 META_VERSION = b"infscale.schema_version"
@@ -51,7 +52,7 @@ def failure_cell_id(path: Path) -> str:
 
 
 def build_cell_table(summary: dict[str, Any], requests: dict[str, Any] | None = None,
-                     series: dict[str, Any] | None = None) -> pa.Table:
+                     series: dict[str, Any] | None = None, telemetry: dict[str, Any] | None = None) -> pa.Table:
     """One-row table in CELL_SCHEMA. Unknown summary keys are an error (a typo would otherwise vanish)."""
     unknown = set(summary) - set(SUMMARY_COLUMNS)
     if unknown:
@@ -67,6 +68,8 @@ def build_cell_table(summary: dict[str, Any], requests: dict[str, Any] | None = 
             columns[field.name] = _nested(requests, REQUEST_STRUCT)
         elif field.name == "series":
             columns[field.name] = _nested(series, SERIES_STRUCT)
+        elif field.name == "telemetry":
+            columns[field.name] = _nested(telemetry, TELEMETRY_STRUCT)
         else:
             columns[field.name] = pa.array([summary.get(field.name)], type=field.type)
     return pa.Table.from_pydict(columns, schema=CELL_SCHEMA)
@@ -156,4 +159,7 @@ def existing_spec_hash(path: Path) -> str | None:
 
 
 def read_summary(path: Path) -> dict[str, Any]:
-    return pq.read_table(path, columns=SUMMARY_COLUMNS).to_pylist()[0]
+    """The summary row; columns added by a later minor schema version read as None from older files."""
+    present = set(pq.read_schema(path).names)
+    row = pq.read_table(path, columns=[c for c in SUMMARY_COLUMNS if c in present]).to_pylist()[0]
+    return {column: row.get(column) for column in SUMMARY_COLUMNS}

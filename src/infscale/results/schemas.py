@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: GPU telemetry columns and the `telemetry` list (1.0 files read with them null)
 STATUSES = ("ok", "infeasible", "failed", "cancelled", "pending")
 
 IDENTITY_FIELDS: list[pa.Field] = [
@@ -64,11 +64,16 @@ _FLOAT_METRICS = [
     *(f"{m}_{s}" for m in ("ttft_ms", "tpot_ms", "e2e_s") for s in ("p50", "p90", "p99", "mean")),
     "mean_running_batch", "mean_kv_occupancy", "max_kv_occupancy", "prefill_time_share",
     "replica_kv_occupancy_cv", "energy_j", "energy_per_output_token_j", "mean_power_w",
+    # NVML telemetry over the measured phase (telemetry.py): max of the GPUs, or mean over GPUs and samples
+    "gpu_power_max_w", "gpu_sm_util_mean", "gpu_mem_util_mean", "gpu_sm_clock_mhz_mean", "gpu_mem_used_gib_max",
 ]
+_STRING_METRICS = ["gpu_throttle_reasons", "telemetry_error", "gpu_name"]
 _INT_METRICS = ["output_tokens", "input_tokens", "preemptions", "max_running_batch"]
-METRIC_FIELDS: list[pa.Field] = [pa.field(n, pa.float64()) for n in _FLOAT_METRICS] + [
-    pa.field(n, pa.int64()) for n in _INT_METRICS
-]
+METRIC_FIELDS: list[pa.Field] = (
+    [pa.field(n, pa.float64()) for n in _FLOAT_METRICS]
+    + [pa.field(n, pa.int64()) for n in _INT_METRICS]
+    + [pa.field(n, pa.string()) for n in _STRING_METRICS]
+)
 
 REQUEST_STRUCT = pa.struct([
     pa.field("request", pa.int64()),
@@ -90,10 +95,22 @@ SERIES_STRUCT = pa.struct([
     pa.field("prefill_tokens", pa.int32()),
 ])
 
+TELEMETRY_STRUCT = pa.struct([
+    pa.field("gpu", pa.int32()),           # the cell's GPU (rank order), not the node's NVML index
+    pa.field("time_s", pa.float64()),      # since the measured phase started
+    pa.field("power_w", pa.float64()),
+    pa.field("sm_util", pa.float64()),
+    pa.field("mem_util", pa.float64()),
+    pa.field("sm_clock_mhz", pa.float64()),
+    pa.field("mem_used_gib", pa.float64()),
+    pa.field("throttle", pa.int64()),      # NVML clock-event reason bitmask
+])
+
 SUMMARY_FIELDS = IDENTITY_FIELDS + STATUS_FIELDS + CAPACITY_FIELDS + METRIC_FIELDS
 SUMMARY_SCHEMA = pa.schema(SUMMARY_FIELDS)
 CELL_SCHEMA = pa.schema(SUMMARY_FIELDS + [
     pa.field("requests_detail", pa.list_(REQUEST_STRUCT)),
     pa.field("series", pa.list_(SERIES_STRUCT)),
+    pa.field("telemetry", pa.list_(TELEMETRY_STRUCT)),
 ])
 SUMMARY_COLUMNS = [f.name for f in SUMMARY_FIELDS]

@@ -27,13 +27,80 @@ class ReplicaConfig:
     max_num_tokens: int
 
 
-def route(router: str, replicas: list[Replica], counter: int, pending_tokens: np.ndarray) -> int:
-    """Index of the replica that takes the next request."""
+def route(router: str, dp: int, counter: int, pending_tokens: np.ndarray) -> int:
+    """Index of the replica (of `dp`) that takes the next request."""
     if router == "round_robin":
-        return counter % len(replicas)
+        return counter % dp
     if router == "least_loaded":
         return int(np.argmin(pending_tokens))
     raise ValueError(f"unknown router '{router}'; allowed: round_robin, least_loaded")
+
+
+@dataclass
+class Route:
+    """The requests one replica gets when routing does not depend on timing: offline requests (all at t=0),
+    closed-loop client chains, or open-loop arrivals routed round-robin."""
+
+    offline: np.ndarray | None = None          # request ids, all arrived at t=0
+    chains: list[list[int]] | None = None      # closed loop: one chain per client
+    arrivals: np.ndarray | None = None         # open loop: request ids in arrival order
+
+    def ids(self) -> np.ndarray:
+        """Every request of the route."""
+        if self.offline is not None:
+            return self.offline
+        if self.arrivals is not None:
+            return self.arrivals
+        return np.asarray([r for chain in self.chains or [] for r in chain], dtype=np.int64)
+
+
+def static_routes(requests: Requests, dp: int, arrival: Arrival, router: str) -> list[Route] | None:
+    """Each replica's requests, decided before anything runs; None when the router needs the replicas' live
+    load (least-loaded routing of Poisson arrivals), so the replicas must run interleaved in one process."""
+    work = (requests.isl + requests.osl).astype(np.float64)
+    ids = np.arange(len(requests))
+    if arrival.mode == "offline":
+        if router == "round_robin":
+            return [Route(offline=ids[index::dp]) for index in range(dp)]
+        load = np.zeros(dp)
+        targets = np.empty(len(ids), dtype=np.int64)
+        for counter, request in enumerate(ids):
+            targets[counter] = target = route(router, dp, counter, load)
+            load[target] += work[request]
+        return [Route(offline=ids[targets == index]) for index in range(dp)]
+    if arrival.mode == "concurrency":
+        # client c sends requests c, c+N, c+2N, … one after another, all to one replica
+        clients = arrival.concurrency or 1
+        routes = [Route(chains=[]) for _ in range(dp)]
+        load = np.zeros(dp)
+        for client in range(min(clients, len(ids))):
+            chain = list(range(client, len(ids), clients))
+            target = route(router, dp, client, load)
+            load[target] += work[chain].sum()
+            routes[target].chains.append(chain)
+        return routes
+    if router == "round_robin":
+        order = np.argsort(requests.arrival, kind="stable")
+        return [Route(arrivals=order[index::dp]) for index in range(dp)]
+    return None
+
+
+def submit_route(replica: Replica, route_: Route) -> None:
+    """Queue the offline requests or client chains of `route_` (open-loop arrivals are fed by `run_route`)."""
+    if route_.offline is not None:
+        replica.submit_all(route_.offline, 0.0)
+    for chain in route_.chains or []:
+        replica.submit_chain(chain, 0.0)
+
+
+def run_route(replica: Replica, route_: Route, times: np.ndarray) -> None:
+    """Run one replica on its own through its route (arrival times from `times`)."""
+    submit_route(replica, route_)
+    for request in route_.arrivals if route_.arrivals is not None else ():
+        at = float(times[request])
+        replica.run(until=at)
+        replica.submit(int(request), at)
+    replica.run()
 
 
 def serve(requests: Requests, dp: int, config: ReplicaConfig, arrival: Arrival, router: str,
@@ -45,44 +112,14 @@ def serve(requests: Requests, dp: int, config: ReplicaConfig, arrival: Arrival, 
                 config.max_num_tokens)
         for i in range(dp)
     ]
-    work = (requests.isl + requests.osl).astype(np.float64)
-    if arrival.mode == "offline":
-        _route_all_at_start(state, replicas, np.arange(len(requests)), work, router)
-        _run_independent(state, replicas)
-    elif arrival.mode == "concurrency":
-        _start_clients(state, replicas, work, router, arrival.concurrency or 1)
+    if arrival.mode in ("offline", "concurrency"):
+        for replica, route_ in zip(replicas, static_routes(requests, dp, arrival, router)):
+            submit_route(replica, route_)
         _run_independent(state, replicas)
     else:
+        work = (requests.isl + requests.osl).astype(np.float64)
         _run_open_loop(state, replicas, requests.arrival, work, router)
     return state, replicas
-
-
-def _route_all_at_start(state: RequestState, replicas: list[Replica], ids: np.ndarray, work: np.ndarray,
-                        router: str) -> None:
-    if router == "round_robin":
-        for index, replica in enumerate(replicas):
-            replica.submit_all(ids[index::len(replicas)], 0.0)
-        return
-    load = np.zeros(len(replicas))
-    targets = np.empty(len(ids), dtype=np.int64)
-    for counter, request in enumerate(ids):
-        target = route(router, replicas, counter, load)
-        load[target] += work[request]
-        targets[counter] = target
-    for index, replica in enumerate(replicas):
-        replica.submit_all(ids[targets == index], 0.0)
-
-
-def _start_clients(state: RequestState, replicas: list[Replica], work: np.ndarray, router: str,
-                   clients: int) -> None:
-    """Client c sends requests c, c+N, c+2N, … one after another, all to one replica."""
-    total = len(state.isl)
-    load = np.zeros(len(replicas))
-    for client in range(min(clients, total)):
-        chain = list(range(client, total, clients))
-        target = route(router, replicas, client, load)
-        load[target] += work[chain].sum()
-        replicas[target].submit_chain(chain, 0.0)
 
 
 def _run_independent(state: RequestState, replicas: list[Replica]) -> None:
@@ -113,6 +150,6 @@ def _run_open_loop(state: RequestState, replicas: list[Replica], times: np.ndarr
         for replica in replicas:
             replica.run(until=at)
         load = np.array([r.outstanding_tokens() for r in replicas], dtype=np.float64)
-        replicas[route(router, replicas, counter, load)].submit(int(request), at)
+        replicas[route(router, len(replicas), counter, load)].submit(int(request), at)
     for replica in replicas:
         replica.run()

@@ -1,73 +1,149 @@
-"""The `torch` backend behind the Backend protocol: one replica per process, measured by the shared serving core.
+"""The `torch` backend behind the Backend protocol: a cell's DP × TP × PP ranks, one process per GPU.
 
-This first wrapper runs layouts whose replicas are single GPUs (TP = PP = 1; DP replicas are measured one after
-the other, each on the same device, so their timelines are what each GPU would see on its own). Multi-rank
-replicas (TP/PP) run through `spawn.serve_on_ranks` but are not wired into campaigns yet.
+A one-GPU cell runs in the calling process. Larger cells run on rank processes (workers.py): spawned here and
+kept for the following cells of the same size, or — in a Slurm job with one task per GPU — the job's tasks,
+joined by the launcher and handed in as `ranks`. Each DP replica serves the requests routed to it on its own GPUs
+at the same time as the others; the replicas' timelines, scheduler logs and GPU telemetry are gathered here and
+summarised by the same code as every backend's.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from infscale.backends.base import Artefact, BuildSpec, CellResult
-from infscale.backends.torch.executor import TorchExecutor
-from infscale.backends.torch.model import DecoderModel
-from infscale.backends.torch.parallel import ParallelContext
+from infscale.backends.torch.workers import (
+    STATE_COLUMNS,
+    CellWork,
+    JoinedRanks,
+    RankMember,
+    RankReport,
+    SpawnedRanks,
+    check_reports,
+)
 from infscale.campaign import Campaign, Cell
 from infscale.memory import plan_memory
-from infscale.serving.cluster import ReplicaConfig, serve
+from infscale.serving.cluster import ReplicaConfig, static_routes
 from infscale.serving.metrics import request_rows, series_rows, summarize
+from infscale.serving.scheduler import RequestState, SeriesLog
 from infscale.serving.workload import generate_requests
+from infscale.telemetry import merge as merge_telemetry
 
-CPU_KV_BYTES = int(os.environ.get("INFSCALE_TORCH_CPU_KV_BYTES", str(256 * 1024**2)))
+
+@dataclass
+class ReplicaRecord:
+    """What the metrics need of a replica that ran in another process."""
+
+    index: int
+    log: SeriesLog
+    num_blocks: int
+    prefill_time: float
+    busy_time: float
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, ranks: JoinedRanks | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._joined = ranks
+        self._spawned: SpawnedRanks | None = None
+        self._local: RankMember | None = None
 
     def prepare(self, build: BuildSpec, campaign: Campaign) -> Artefact:
-        # the model is built per cell (weights are generated on the device in seconds); multi-rank layouts are
-        # refused cell by cell in `measure`, so they are recorded as failures with the reason
+        # the model is built by the ranks when the first cell comes (weights are generated on the device)
+        check_device_matches(campaign.hardware.name, self.device)
         return Artefact(build=build, info={"engine": "infscale-torch", "torch": torch.__version__,
                                            "device": str(self.device)})
 
     def measure(self, cell: Cell, artefact: Artefact, campaign: Campaign) -> CellResult:
-        if cell.tp * cell.pp > 1:
-            raise NotImplementedError(f"the torch backend runs single-GPU replicas in campaigns so far; "
-                                      f"{cell.layout} needs the multi-rank launcher")
+        work = self.cell_work(cell, campaign)
+        reports = self._run(work, cell.layout.gpus)
+        return assemble(work, reports, cell.layout.gpus)
+
+    def cell_work(self, cell: Cell, campaign: Campaign) -> CellWork:
         arch = campaign.model_for(cell)
+        requests = generate_requests(cell.isl, cell.osl, cell.requests, cell.arrival, cell.seed)
+        routes = static_routes(requests, cell.dp, cell.arrival, cell.engine.router)
+        if routes is None:
+            raise NotImplementedError(f"router {cell.engine.router!r} with {cell.arrival.mode} arrivals needs the "
+                                      "replicas' live load; the torch backend runs DP replicas in separate "
+                                      "processes: use router round_robin")
         memory = plan_memory(arch, campaign.hardware, cell.layout, cell.precision.weights, cell.precision.kv,
                              cell.engine.kv_memory_fraction, cell.engine.kv_block_size)
-        requests = generate_requests(cell.isl, cell.osl, cell.requests, cell.arrival, cell.seed)
         block = cell.engine.kv_block_size
-        needed = int(np.sum(-(-(requests.isl + requests.osl) // block)))
-        num_blocks = min(memory.kv_blocks_per_replica, needed, self._device_blocks(arch, block))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model = DecoderModel(arch, ParallelContext.single(), dtype, self.device, cell.seed)
-        executors: list[TorchExecutor] = []
+        # the KV pool: what the plan gives a replica, no more than its busiest replica can use (ranks lower it
+        # to what their device holds)
+        needed = max(int(np.sum(-(-(requests.isl[ids] + requests.osl[ids]) // block))) for ids in
+                     (route.ids() for route in routes))
+        config = ReplicaConfig(max(1, min(memory.kv_blocks_per_replica, needed)), block, cell.engine.max_num_seqs,
+                               cell.engine.max_num_tokens)
+        return CellWork(arch=arch, tp=cell.tp, pp=cell.pp, dp=cell.dp, requests=requests, routes=routes,
+                        arrival=cell.arrival, config=config,
+                        dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,
+                        kv_memory_fraction=cell.engine.kv_memory_fraction)
 
-        def make_executor(_: int) -> TorchExecutor:
-            executor = TorchExecutor(model, num_blocks, block, requests.isl, requests.osl, cell.seed)
-            executor.warmup()  # kernel tuning, CUDA-graph capture, first-use costs: never inside the measurement
-            executors.append(executor)
-            return executor
+    def _run(self, work: CellWork, world: int) -> list[RankReport]:
+        if self._joined is not None:
+            if self._joined.world != world:
+                raise RuntimeError(f"this job's {self._joined.world} tasks cannot run a {world}-GPU cell")
+            return self._joined.run(work)
+        if world == 1:
+            if self._local is None:
+                self._local = RankMember(0, 1, self.device)
+            return check_reports(self._local.lead(work))
+        if self.device.type == "cuda" and torch.cuda.device_count() < world:
+            raise RuntimeError(f"the cell needs {world} GPUs on this node; CUDA shows {torch.cuda.device_count()}")
+        if self._spawned is not None and (self._spawned.world != world or not self._spawned.alive):
+            self._spawned.close()
+            self._spawned = None
+        if self._spawned is None:
+            self._spawned = SpawnedRanks(world)
+        return self._spawned.run(work)
 
-        config = ReplicaConfig(num_blocks, block, cell.engine.max_num_seqs, cell.engine.max_num_tokens)
-        state, replicas = serve(requests, cell.dp, config, cell.arrival, cell.engine.router, make_executor)
-        for index, executor in enumerate(executors):  # each replica's requests got exactly their OSL tokens
-            executor.check_outputs(np.flatnonzero(state.replica == index))
-        summary = summarize(state, replicas, cell.layout.gpus)
-        return CellResult(summary=summary, requests=request_rows(state), series=series_rows(replicas),
-                          predicted=False)
+    def close(self) -> None:
+        """Stop the rank processes (the runner calls this when a job's cells are done)."""
+        if self._spawned is not None:
+            self._spawned.close()
+            self._spawned = None
+        if self._joined is not None:
+            self._joined.close()
+            self._joined = None
 
-    def _device_blocks(self, arch, block: int) -> int:
-        """KV blocks the device can hold now: free CUDA memory (90 %), or a fixed budget on CPU."""
-        per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * (2 if self.device.type == "cuda" else 4)
-        budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.9) if self.device.type == "cuda" else CPU_KV_BYTES
-        return max(1, budget // (per_token * block))
+
+def check_device_matches(hardware: str, device: torch.device) -> None:
+    """A measurement is labelled with the campaign's hardware: refuse to label an H200's numbers 'h100-sxm'."""
+    if device.type != "cuda":
+        return  # CPU runs (tests) measure the engine, not the hardware
+    present = torch.cuda.get_device_name(device)
+    family = hardware.split("-")[0].upper()  # 'h100-sxm' -> 'H100'
+    if family not in present.upper():
+        raise RuntimeError(f"the campaign's hardware is {hardware!r} but this node's GPU is {present!r}; "
+                           "set `hardware:` to the GPU present")
+
+
+def assemble(work: CellWork, reports: list[RankReport], gpus: int) -> CellResult:
+    """The cell's result from every rank's report: request timelines, replica logs, telemetry."""
+    outcomes = sorted((r.replica for r in reports if r.replica is not None), key=lambda o: o.index)
+    if len(outcomes) != work.dp:
+        raise RuntimeError(f"{len(outcomes)} of {work.dp} replicas reported results")
+    requests = work.requests
+    state = RequestState(requests.isl.copy(), requests.osl.copy(), requests.arrival.copy())
+    for outcome in outcomes:
+        for name in STATE_COLUMNS:
+            getattr(state, name)[outcome.ids] = outcome.columns[name]
+    records = [ReplicaRecord(o.index, o.log, o.num_blocks, o.prefill_time, o.busy_time) for o in outcomes]
+    summary = summarize(state, records, gpus)  # type: ignore[arg-type]
+    summary["gpu_name"] = reports[0].device
+    telemetry = None
+    parts = [r.telemetry for r in sorted(reports, key=lambda r: r.rank) if r.telemetry is not None]
+    if parts:
+        telemetry = merge_telemetry(parts)
+        summary.update({k: v for k, v in telemetry.summary().items() if v is not None})
+        if telemetry.error is None and summary.get("energy_j") is not None:
+            summary["energy_per_output_token_j"] = summary["energy_j"] / summary["output_tokens"]
+    return CellResult(summary=summary, requests=request_rows(state), series=series_rows(records),  # type: ignore
+                      telemetry=telemetry.series() if telemetry else None, predicted=False)

@@ -17,6 +17,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,10 @@ def local_device(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str,
-               args: tuple[Any, ...]) -> None:
-    device = local_device(rank)
+def init_rank(rank: int, world_size: int, local_rank: int, init_method: str,
+              timeout: timedelta | None = None) -> torch.device:
+    """Join the process group (NCCL with one GPU per local rank, gloo on CPU); this rank's device."""
+    device = local_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -60,7 +62,14 @@ def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, ou
         backend = "gloo"
         # N ranks share the host's cores; oversubscribed intra-op threads make gloo collectives crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            **({"timeout": timeout} if timeout else {}))
+    return device
+
+
+def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str,
+               args: tuple[Any, ...]) -> None:
+    init_rank(rank, world_size, rank, f"tcp://127.0.0.1:{port}")
     try:
         result = fn(rank, world_size, *args)
         with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as handle:
