@@ -14,6 +14,7 @@ The GPU named in the campaign's `hardware` must be the one present (checked by t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def main() -> int:
     parser.add_argument("--results-root", type=Path, required=True)
     parser.add_argument("--hardware", help="override the config's hardware (e.g. h200-sxm)")
     parser.add_argument("--osl-max", type=int, help="only cells whose OSL is at most this")
+    parser.add_argument("--exclude", help="skip cells whose id matches this regular expression")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no cell that may end after this")
     parser.add_argument("--estimate-factor", type=float, default=3.0)
     args = parser.parse_args()
@@ -49,6 +51,8 @@ def main() -> int:
     planned = [p for p in plan_campaign(campaign) if p.feasible]
     if args.osl_max:
         planned = [p for p in planned if p.cell.osl.max_length <= args.osl_max]
+    if args.exclude:
+        planned = [p for p in planned if not re.search(args.exclude, p.cell.id)]
     order = {id(p): i for i, p in enumerate(planned)}
     planned.sort(key=lambda p: (p.cell.osl.max_length, order[id(p)]))
 

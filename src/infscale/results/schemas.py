@@ -67,7 +67,8 @@ _FLOAT_METRICS = [
     # NVML telemetry over the measured phase (telemetry.py): max of the GPUs, or mean over GPUs and samples
     "gpu_power_max_w", "gpu_sm_util_mean", "gpu_mem_util_mean", "gpu_sm_clock_mhz_mean", "gpu_mem_used_gib_max",
 ]
-_STRING_METRICS = ["gpu_throttle_reasons", "telemetry_error", "gpu_name"]
+# engine_path: how the torch backend ran decode steps: cuda_graphs (fused kernels) or eager (per-op dispatch)
+_STRING_METRICS = ["gpu_throttle_reasons", "telemetry_error", "gpu_name", "engine_path"]
 _INT_METRICS = ["output_tokens", "input_tokens", "preemptions", "max_running_batch"]
 METRIC_FIELDS: list[pa.Field] = (
     [pa.field(n, pa.float64()) for n in _FLOAT_METRICS]

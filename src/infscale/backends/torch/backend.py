@@ -138,6 +138,7 @@ def assemble(work: CellWork, reports: list[RankReport], gpus: int) -> CellResult
     records = [ReplicaRecord(o.index, o.log, o.num_blocks, o.prefill_time, o.busy_time) for o in outcomes]
     summary = summarize(state, records, gpus)  # type: ignore[arg-type]
     summary["gpu_name"] = reports[0].device
+    summary["engine_path"] = ",".join(sorted({o.engine_path for o in outcomes}))
     telemetry = None
     parts = [r.telemetry for r in sorted(reports, key=lambda r: r.rank) if r.telemetry is not None]
     if parts:

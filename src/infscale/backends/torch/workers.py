@@ -86,6 +86,7 @@ class ReplicaOutcome:
     busy_time: float
     decode_steps: int
     expert_counts: dict[int, np.ndarray]
+    engine_path: str = "eager"          # cuda_graphs when the replica's decode steps ran as CUDA graphs
 
 
 @dataclass
@@ -259,7 +260,8 @@ class RankMember:
             index=index, ids=ids, columns={name: getattr(state, name)[ids].copy() for name in STATE_COLUMNS},
             log=replica.log, num_blocks=config.num_blocks, prefill_time=replica.prefill_time,
             busy_time=replica.busy_time, decode_steps=executor.decode_iterations,
-            expert_counts=executor.model.expert_counts())
+            expert_counts=executor.model.expert_counts(),
+            engine_path="eager" if executor.graphs is None else "cuda_graphs")
         return outcome, telemetry
 
     def _device_name(self) -> str:
