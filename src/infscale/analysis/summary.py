@@ -20,14 +20,42 @@ def summary_markdown(frame: pl.DataFrame, campaign: str, backend: str, hardware:
     for model in frame.get_column("model").unique(maintain_order=True).to_list():
         rows = frame.filter((pl.col("model") == model) & OK)
         if rows.is_empty():
-            reasons = frame.filter(pl.col("model") == model).get_column("reason").drop_nulls().unique().to_list()
-            lines += [f"## {model}: no feasible cell", "", f"- {reasons[0] if reasons else 'no cells'}", ""]
+            cells = frame.filter(pl.col("model") == model)
+            reasons = cells.get_column("reason").drop_nulls().unique().to_list()
+            title = "no feasible cell" if set(cells.get_column("status")) <= {"infeasible"} else "no cell measured"
+            lines += [f"## {model}: {title}", "", f"- {reasons[0] if reasons else 'no cells'}", ""]
             continue
         gpu_counts = sorted(set(rows.get_column("gpus").to_list()))
         within_node = [g for g in gpu_counts if g <= gpus_per_node]
         gpus = max(within_node) if within_node else max(gpu_counts)
         lines += _model_table(rows.filter(pl.col("gpus") == gpus), model, gpus)
+    if backend != "sim":
+        lines += _measured_table(frame.filter(OK))
     return "\n".join(lines).rstrip() + "\n"
+
+
+MEASURED_COLUMNS = [  # (column, header, format)
+    ("model", "model", "{}"), ("layout", "layout", "{}"), ("isl", "ISL", "{}"), ("osl", "OSL", "{}"),
+    ("output_tok_s", "tok/s", "{:,.0f}"), ("output_tok_s_per_gpu", "tok/s/GPU", "{:,.0f}"),
+    ("tpot_ms_p50", "TPOT p50 ms", "{:.2f}"), ("tpot_ms_p99", "TPOT p99 ms", "{:.2f}"),
+    ("mean_running_batch", "mean batch", "{:.1f}"), ("mean_kv_occupancy", "KV occ.", "{:.0%}"),
+    ("energy_per_output_token_j", "J/token", "{:.3f}"), ("mean_power_w", "power W", "{:,.0f}"),
+    ("engine_path", "engine", "{}"),
+]
+
+
+def _measured_table(rows: pl.DataFrame) -> list[str]:
+    """Every measured cell with its throughput, latency, batch, KV and energy numbers (not for the sim, whose
+    campaigns run to thousands of cells)."""
+    if rows.is_empty():
+        return []
+    lines = ["## measured cells", "", "| " + " | ".join(h for _, h, _ in MEASURED_COLUMNS) + " |",
+             "|" + "---|" * len(MEASURED_COLUMNS)]
+    for row in rows.iter_rows(named=True):
+        values = [("—" if row.get(c) is None else f.format(row[c])) for c, _, f in MEASURED_COLUMNS]
+        lines.append("| " + " | ".join(values) + " |")
+    lines.append("")
+    return lines
 
 
 def _model_table(rows: pl.DataFrame, model: str, gpus: int) -> list[str]:

@@ -57,7 +57,7 @@ class TorchBackend:
         # the model is built by the ranks when the first cell comes (weights are generated on the device)
         check_device_matches(campaign.hardware.name, self.device)
         return Artefact(build=build, info={"engine": "infscale-torch", "torch": torch.__version__,
-                                           "device": str(self.device)})
+                                           "device": str(self.device), **gpu_environment(self.device)})
 
     def measure(self, cell: Cell, artefact: Artefact, campaign: Campaign) -> CellResult:
         work = self.cell_work(cell, campaign)
@@ -112,6 +112,22 @@ class TorchBackend:
         if self._joined is not None:
             self._joined.close()
             self._joined = None
+
+
+def gpu_environment(device: torch.device) -> dict[str, str]:
+    """GPU name, CUDA runtime and driver version for the cells' provenance (nothing on CPU)."""
+    if device.type != "cuda":
+        return {}
+    info = {"gpu": torch.cuda.get_device_name(device), "cuda": str(torch.version.cuda)}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info["driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+        pynvml.nvmlShutdown()
+    except Exception as err:  # provenance is best effort; the measurement does not depend on it
+        info["driver"] = f"unknown ({type(err).__name__})"
+    return info
 
 
 def check_device_matches(hardware: str, device: torch.device) -> None:

@@ -1,0 +1,32 @@
+"""The committed GPU measurements stay readable and attached to their campaign file.
+
+If `config/gpu-node.yaml` changed in a way that changes its cells' spec hashes, the committed cell files would no
+longer count as measured for it: this test says so before anything is silently orphaned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from polars.testing import assert_frame_equal
+
+from infscale.analysis.merge import merge_cells
+from infscale.campaign import load_campaign
+from infscale.campaign.plan import plan_campaign
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "reference" / "gpu-node"
+
+
+def test_gpu_node_reference_results_merge_back() -> None:
+    campaign = load_campaign(ROOT / "config" / "gpu-node.yaml")
+    planned = plan_campaign(campaign)
+    merged = merge_cells(planned, RESULTS, campaign.hardware.gpus_per_node)
+    committed = pl.read_parquet(RESULTS / "cells.parquet")
+    ok = merged.filter(pl.col("status") == "ok")
+    assert ok.height == len(list((RESULTS / "cells").glob("*.parquet"))) == 11
+    assert not ok["predicted"].any() and set(ok["gpu_name"]) == {"NVIDIA H100 80GB HBM3"}
+    assert ok["energy_per_output_token_j"].is_not_null().all()
+    assert (ok["output_tokens"] == 64 * ok["osl_max"]).all()  # every request produced its OSL tokens
+    assert_frame_equal(merged, committed)
