@@ -69,7 +69,8 @@ _FLOAT_METRICS = [
 ]
 # engine_path: how the torch backend ran decode steps: cuda_graphs (fused kernels) or eager (per-op dispatch)
 _STRING_METRICS = ["gpu_throttle_reasons", "telemetry_error", "gpu_name", "engine_path"]
-_INT_METRICS = ["output_tokens", "input_tokens", "preemptions", "max_running_batch"]
+# kv_pool_blocks: KV blocks a replica had (measured backends: the plan's, lowered to what the device held)
+_INT_METRICS = ["output_tokens", "input_tokens", "preemptions", "max_running_batch", "kv_pool_blocks"]
 METRIC_FIELDS: list[pa.Field] = (
     [pa.field(n, pa.float64()) for n in _FLOAT_METRICS]
     + [pa.field(n, pa.int64()) for n in _INT_METRICS]

@@ -61,7 +61,7 @@ class SimBackend:
         executor = SimExecutor(step_model)
         state, replicas = serve(requests, cell.dp, config, cell.arrival, cell.engine.router, lambda _: executor)
         return CellResult(
-            summary=summarize(state, replicas, cell.layout.gpus),
+            summary={**summarize(state, replicas, cell.layout.gpus), "kv_pool_blocks": config.num_blocks},
             requests=request_rows(state),
             series=series_rows(replicas),
             predicted=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from infscale.backends.base import Artefact, BuildSpec, CellResult
@@ -74,13 +73,10 @@ class TorchBackend:
                                       "processes: use router round_robin")
         memory = plan_memory(arch, campaign.hardware, cell.layout, cell.precision.weights, cell.precision.kv,
                              cell.engine.kv_memory_fraction, cell.engine.kv_block_size)
-        block = cell.engine.kv_block_size
-        # the KV pool: what the plan gives a replica, no more than its busiest replica can use (ranks lower it
-        # to what their device holds)
-        needed = max(int(np.sum(-(-(requests.isl[ids] + requests.osl[ids]) // block))) for ids in
-                     (route.ids() for route in routes))
-        config = ReplicaConfig(max(1, min(memory.kv_blocks_per_replica, needed)), block, cell.engine.max_num_seqs,
-                               cell.engine.max_num_tokens)
+        # the KV pool: what the plan gives a replica (as an engine sizes it from its memory fraction); each rank
+        # lowers it to what its device holds now
+        config = ReplicaConfig(max(1, memory.kv_blocks_per_replica), cell.engine.kv_block_size,
+                               cell.engine.max_num_seqs, cell.engine.max_num_tokens)
         return CellWork(arch=arch, tp=cell.tp, pp=cell.pp, dp=cell.dp, requests=requests, routes=routes,
                         arrival=cell.arrival, config=config,
                         dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,
@@ -155,6 +151,7 @@ def assemble(work: CellWork, reports: list[RankReport], gpus: int) -> CellResult
     summary = summarize(state, records, gpus)  # type: ignore[arg-type]
     summary["gpu_name"] = reports[0].device
     summary["engine_path"] = ",".join(sorted({o.engine_path for o in outcomes}))
+    summary["kv_pool_blocks"] = min(o.num_blocks for o in outcomes)
     telemetry = None
     parts = [r.telemetry for r in sorted(reports, key=lambda r: r.rank) if r.telemetry is not None]
     if parts:
