@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from infscale.analysis.merge import merge_cells
@@ -30,3 +31,22 @@ def test_gpu_node_reference_results_merge_back() -> None:
     assert ok["energy_per_output_token_j"].is_not_null().all()
     assert (ok["output_tokens"] == 64 * ok["osl_max"]).all()  # every request produced its OSL tokens
     assert_frame_equal(merged, committed)
+
+
+def test_validate_predicts_every_measured_cell(tmp_path: Path) -> None:
+    """`infscale validate` on a copy of the committed results: one row per measured cell, errors computed against
+    the measurement, eager-path cells kept out of the medians, files written next to the results."""
+    import shutil
+
+    from infscale.cli import main
+
+    root = tmp_path / "results"
+    shutil.copytree(RESULTS / "cells", root / "gpu-node" / "cells")
+    assert main(["validate", str(ROOT / "config" / "gpu-node.yaml"), "--results-root", str(root)]) == 0
+    frame = pl.read_parquet(root / "gpu-node" / "validation.parquet")
+    assert frame.height == 11 and frame.filter(~pl.col("in_medians"))["engine_path"].to_list() == ["eager"] * 2
+    row = frame.row(0, named=True)
+    expected = (row["output_tok_s_predicted"] - row["output_tok_s_measured"]) / row["output_tok_s_measured"]
+    assert row["output_tok_s_error"] == pytest.approx(expected) and row["output_tok_s_predicted"] > 0
+    text = (root / "gpu-node" / "validation.md").read_text()
+    assert "| output tok/s | 9 |" in text and row["cell_id"] in frame["cell_id"].to_list()

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="merge the campaign's cell files; write cells.parquet, summary.md")
     _campaign_args(merge)
 
+    validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
+                                   "validation.parquet and validation.md with the errors")
+    _campaign_args(validate)
+
     summary = commands.add_parser("summary", help="print the campaign summary")
     _campaign_args(summary)
 
@@ -164,6 +168,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from infscale.analysis.merge import merge_cells
+    from infscale.analysis.validate import validate, validation_markdown
+    from infscale.results.io import write_table_atomic
+
+    run = _campaign_run(args)
+    merged = merge_cells(run.planned, run.results_dir, run.campaign.hardware.gpus_per_node,
+                         [run.job_summary(job) for job in run.jobs()])
+    frame = validate(run.campaign, run.planned, merged)
+    if frame.is_empty():
+        print(f"{run.results_dir}: no measured cell to validate against", file=sys.stderr)
+        return 1
+    write_table_atomic(frame.to_arrow(), run.results_dir / "validation.parquet")
+    text = validation_markdown(frame, run.campaign.name, run.campaign.hardware.name)
+    tmp = run.results_dir / ".validation.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run.results_dir / "validation.md")
+    print(text)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     run = _campaign_run(args)
     if not run.summary_file.exists():
@@ -259,7 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
-    "run": cmd_run, "status": cmd_status,
+    "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
 }
 
 if __name__ == "__main__":
