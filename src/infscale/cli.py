@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--kv-block-size", type=int)
     predict.add_argument("--router", choices=("round_robin", "least_loaded"))
     predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--profile", type=Path, help="hardware profile (infscale calibrate) instead of the "
+                         "catalog's efficiency constants")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
 
     bench = commands.add_parser("bench", help="run one bench job of a campaign (skips cells already measured)")
@@ -56,6 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
     _campaign_args(validate)
+    validate.add_argument("--profile", type=Path, help="hardware profile (infscale calibrate) to predict with")
+
+    calibrate = commands.add_parser("calibrate", help="write a hardware profile from GPU benchmark outputs, "
+                                    "optionally fitting the engine constants on measured cells")
+    calibrate.add_argument("--hardware", required=True, help="catalog hardware the profile refines, e.g. h100-sxm")
+    calibrate.add_argument("--engine", default="torch", help="engine whose iterations the profile describes")
+    calibrate.add_argument("--microbench", type=Path, required=True, help="benchmarks/gpu_microbench.py output")
+    calibrate.add_argument("--roofline", type=Path, required=True, help="benchmarks/torch_decode_roofline.py output")
+    calibrate.add_argument("--fit", type=Path, metavar="CONFIG", help="campaign whose measured cells the engine "
+                           "constants are fitted on")
+    calibrate.add_argument("--results-root", type=Path, default=Path("results"))
+    calibrate.add_argument("--train-models", default="", help="comma-separated models of --fit to fit on "
+                           "(the others are held out)")
+    calibrate.add_argument("--name", required=True, help="profile name, e.g. h100-sxm.torch.2026-11-27")
+    calibrate.add_argument("--out", type=Path, required=True)
 
     summary = commands.add_parser("summary", help="print the campaign summary")
     _campaign_args(summary)
@@ -171,21 +188,76 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from infscale.analysis.merge import merge_cells
     from infscale.analysis.validate import validate, validation_markdown
+    from infscale.calibration import ProfileError, load_profile, with_hardware
     from infscale.results.io import write_table_atomic
 
     run = _campaign_run(args)
-    merged = merge_cells(run.planned, run.results_dir, run.campaign.hardware.gpus_per_node,
+    campaign, profile = run.campaign, None
+    if args.profile:
+        try:
+            profile = load_profile(args.profile)
+            campaign = with_hardware(campaign, profile.apply(campaign.hardware))
+        except ProfileError as err:
+            print(err, file=sys.stderr)
+            return 2
+    merged = merge_cells(run.planned, run.results_dir, campaign.hardware.gpus_per_node,
                          [run.job_summary(job) for job in run.jobs()])
-    frame = validate(run.campaign, run.planned, merged)
+    frame = validate(campaign, run.planned, merged, profile.fitted_on if profile else [])
     if frame.is_empty():
         print(f"{run.results_dir}: no measured cell to validate against", file=sys.stderr)
         return 1
-    write_table_atomic(frame.to_arrow(), run.results_dir / "validation.parquet")
-    text = validation_markdown(frame, run.campaign.name, run.campaign.hardware.name)
-    tmp = run.results_dir / ".validation.md.tmp"
+    stem = f"validation.{profile.name}" if profile else "validation"
+    write_table_atomic(frame.to_arrow(), run.results_dir / f"{stem}.parquet")
+    text = validation_markdown(frame, campaign.name, campaign.hardware.name, profile.name if profile else None)
+    tmp = run.results_dir / f".{stem}.md.tmp"
     tmp.write_text(text)
-    tmp.replace(run.results_dir / "validation.md")
+    tmp.replace(run.results_dir / f"{stem}.md")
     print(text)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from infscale.calibration import (
+        ProfileError,
+        fit_engine_constants,
+        from_microbenchmarks,
+        make_profile,
+        read_json,
+        with_hardware,
+        write_profile,
+    )
+    from infscale.catalog import CatalogError, get_hardware
+
+    try:
+        hardware = get_hardware(args.hardware)
+        efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), read_json(args.roofline))
+        fitted_on: list[str] = []
+        if args.fit:
+            from infscale.analysis.merge import merge_cells
+            from infscale.pipeline import CampaignRun
+
+            train = [m for m in args.train_models.split(",") if m]
+            if not train:
+                print("--fit needs --train-models (the models to fit on; the others are held out)", file=sys.stderr)
+                return 2
+            run = CampaignRun(args.fit, args.results_root, "auto")
+            measured_on = hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(
+                update=efficiency)})
+            merged = merge_cells(run.planned, run.results_dir, hardware.gpus_per_node,
+                                 [run.job_summary(job) for job in run.jobs()])
+            fitted, fit_sources, fitted_on, rms = fit_engine_constants(
+                with_hardware(run.campaign, measured_on), run.planned, merged, measured_on, train)
+            efficiency.update(fitted)
+            sources.update(fit_sources)
+        profile = make_profile(args.name, hardware, args.engine, efficiency, sources,
+                               [args.microbench, args.roofline], fitted_on)
+    except (ProfileError, CatalogError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    write_profile(profile, args.out)
+    for field, value in profile.efficiency.items():
+        print(f"{field:<26} {value:.4g}   ({profile.sources[f'efficiency.{field}'][:100]}…)")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -259,12 +331,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "engine": engine, "seed": args.seed,
     }
     campaign = campaign_from_dict(raw, source="infscale predict")
+    profile_name = None
+    if args.profile:
+        from infscale.calibration import ProfileError, load_profile, with_hardware
+
+        try:
+            profile = load_profile(args.profile)
+            campaign = with_hardware(campaign, profile.apply(campaign.hardware))
+        except ProfileError as err:
+            raise SpecError([f"infscale predict: --profile: {err}"]) from None
+        profile_name = profile.name
     (item,) = plan_campaign(campaign)
     result: dict[str, object] = {
         "cell_id": item.cell.id, "feasible": item.feasible, "reason": item.reason,
         "kv_capacity_tokens": item.memory.kv_tokens_per_replica, "max_concurrency": item.max_concurrency,
         "weights_gib_per_gpu": round(item.memory.weights_bytes_per_gpu / 2**30, 3),
-        "requests": item.cell.requests, "predicted": True,
+        "requests": item.cell.requests, "predicted": True, "profile": profile_name,
     }
     if item.feasible:
         measured = SimBackend().measure(item.cell, None, campaign)  # type: ignore[arg-type]
@@ -285,6 +367,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
+    "calibrate": cmd_calibrate,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""Hardware profiles: the `sim` model's efficiency constants measured on a machine (and engine) instead of taken
+from datasheets and assumptions.
+
+A profile is a YAML file naming the catalog hardware it refines, the engine it describes, each constant it sets
+with how it was obtained, the raw files it came from (with their SHA-256) and the measured cells a fit used.
+Constants come from two kinds of evidence:
+
+- microbenchmarks (`benchmarks/gpu_microbench.py`, `benchmarks/torch_decode_roofline.py`): the HBM bandwidth that
+  decode steps reach, the largest bf16 GEMM throughput, the all-reduce bus bandwidth of large messages, and the
+  all-reduce latency inside a CUDA-graph decode step (the step with and without its per-layer all-reduces);
+- a fit on measured cells of chosen models (`fit_engine_constants`): the constants no microbenchmark isolates yet
+  — the engine's prefill GEMM efficiency and its fixed cost per iteration — chosen to minimise the squared log
+  errors of throughput, TPOT p50 and TTFT p50. Cells of other models are then a held-out check.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from infscale.campaign import Campaign
+from infscale.campaign.plan import PlannedCell
+from infscale.catalog import Efficiency, Hardware
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the problem."""
+
+
+class HardwareProfile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    hardware: str                       # catalog name it refines, e.g. h100-sxm
+    engine: str                         # whose iterations the fitted constants describe (torch, trtllm)
+    created_at: str
+    efficiency: dict[str, float]        # Efficiency fields it sets
+    sources: dict[str, str]             # "efficiency.<field>" -> how the value was obtained
+    inputs: dict[str, str] = {}         # raw measurement file name -> sha256
+    fitted_on: list[str] = []           # cell ids of the fit (the rest of a campaign is held out)
+
+    @field_validator("efficiency")
+    @classmethod
+    def _known_fields(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(Efficiency.model_fields))
+        if unknown:
+            raise ValueError(f"unknown efficiency field(s) {', '.join(unknown)}; allowed: "
+                             f"{', '.join(Efficiency.model_fields)}")
+        return value
+
+    def apply(self, hardware: Hardware) -> Hardware:
+        """The catalog hardware with this profile's constants (and their sources) in place."""
+        if hardware.name != self.hardware:
+            raise ProfileError(f"profile {self.name!r} is for {self.hardware}, not {hardware.name}")
+        efficiency = Efficiency(**{**hardware.efficiency.model_dump(), **self.efficiency})
+        sources = {**hardware.sources, **{k: f"profile {self.name}: {v}" for k, v in self.sources.items()}}
+        return hardware.model_copy(update={"efficiency": efficiency, "sources": sources})
+
+
+def load_profile(path: str | Path) -> HardwareProfile:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return HardwareProfile(**raw)
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile file") from None
+    except (TypeError, yaml.YAMLError) as err:
+        raise ProfileError(f"{path}: not a profile mapping ({err})") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ProfileError(f"{path}: {problems}") from None
+
+
+def write_profile(profile: HardwareProfile, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(profile.model_dump(), sort_keys=False, width=120))
+    tmp.replace(path)
+    return path
+
+
+def with_hardware(campaign: Campaign, hardware: Hardware) -> Campaign:
+    """A shallow copy of the campaign that plans and predicts with other hardware constants."""
+    patched = copy.copy(campaign)
+    patched.hardware = hardware
+    return patched
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- microbenchmarks
+
+
+def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any],
+                         roofline: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """Efficiency constants measured by the two GPU benchmarks, each with how it was obtained."""
+    efficiency: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    gpu = microbench.get("environment", {}).get("gpu_name", "?")
+
+    tp1 = [r for r in roofline["rows"] if r["tp"] == 1]
+    if tp1:
+        # bytes a decode step must read over its measured time: what decode kernels reach, over the peak
+        achieved = [r["bytes_per_step"] / r["step_seconds_median"] for r in tp1]
+        efficiency["hbm_bandwidth"] = float(np.median(achieved)) / hardware.hbm_bandwidth
+        sources["efficiency.hbm_bandwidth"] = (
+            f"decode steps of the torch engine (CUDA graph, TP1, {', '.join(r['label'] for r in tp1)}) read "
+            f"{', '.join(f'{a / 1e12:.2f}' for a in achieved)} TB/s on {gpu}; median over the "
+            f"{hardware.hbm_bandwidth / 1e12:.2f} TB/s peak")
+
+    gemms = [g for g in microbench.get("gemm", []) if g["dtype"] == "bf16"]
+    if gemms:
+        best = max(gemms, key=lambda g: g["tflops"])
+        efficiency["matmul"] = best["tflops"] / hardware.dense_tflops["bf16"]
+        sources["efficiency.matmul"] = (
+            f"best bf16 GEMM of the microbenchmark: {best['tflops']:.0f} TFLOP/s at m={best['m']} n={best['n']} "
+            f"k={best['k']} on {gpu}, over the {hardware.dense_tflops['bf16']:.0f} TFLOP/s peak")
+
+    curves = microbench.get("allreduce", [])
+    if curves:
+        widest = max(curves, key=lambda c: c["world"])
+        largest = max(widest["sizes"], key=lambda s: s["bytes"])
+        efficiency["allreduce_bus_bandwidth"] = largest["bus_bytes_per_s"]
+        sources["efficiency.allreduce_bus_bandwidth"] = (
+            f"NCCL all-reduce of {largest['bytes'] / 2**20:.0f} MiB on {widest['world']} GPUs: "
+            f"{largest['bus_bytes_per_s'] / 1e9:.0f} GB/s bus bandwidth ({gpu})")
+
+    alphas = []
+    for row in roofline["rows"]:
+        without = row.get("without_layer_allreduce")
+        if row["tp"] > 1 and without and row.get("layer_allreduces_per_step"):
+            per_call = (row["step_seconds_median"] - without["step_seconds_median"]) / row["layer_allreduces_per_step"]
+            bandwidth = efficiency.get("allreduce_bus_bandwidth", hardware.efficiency.allreduce_bus_bandwidth)
+            transfer = 2 * (row["tp"] - 1) / row["tp"] * row["allreduce_bytes_each"] / bandwidth
+            alphas.append((row["tp"], per_call, max(per_call - transfer, 0.0)))
+    if alphas:
+        by_tp = {}
+        for tp, per_call, alpha in alphas:
+            by_tp.setdefault(tp, []).append((per_call, alpha))
+        efficiency["allreduce_latency_s"] = float(np.median([a for _, _, a in alphas]))
+        sources["efficiency.allreduce_latency_s"] = (
+            "all-reduce inside a CUDA-graph decode step (step time with and without the per-layer all-reduces, "
+            "Llama-3.1-8B batch 64): " + ", ".join(
+                f"TP{tp} {np.median([p for p, _ in v]) * 1e6:.1f} us per call" for tp, v in sorted(by_tp.items()))
+            + "; latency = per call − transfer at the bus bandwidth, median over ranks")
+    return efficiency, sources
+
+
+# ---------------------------------------------------------------------------------------- fit on cells
+
+FIT_METRICS = ("output_tok_s", "tpot_ms_p50", "ttft_ms_p50")
+FITTED = {  # field -> (lower, upper) bounds of the search
+    "matmul": (0.02, 0.9),
+    "iteration_overhead_s": (0.0, 5e-3),
+}
+
+
+def fit_engine_constants(campaign: Campaign, planned: list[PlannedCell], merged: pl.DataFrame,
+                         hardware: Hardware, train_models: list[str]) -> tuple[dict[str, float], dict[str, str],
+                                                                               list[str], float]:
+    """Fit the constants in FITTED on the measured CUDA-graph cells of `train_models` (the others stay fixed at
+    `hardware`'s values); returns the constants, their sources, the cells used and the final RMS log error."""
+    from scipy.optimize import minimize
+
+    from infscale.analysis.validate import measured_cells, predict_cells
+
+    train = measured_cells(merged).filter(pl.col("model").is_in(train_models)
+                                          & (pl.col("engine_path") != "eager"))
+    if train.is_empty():
+        raise ProfileError(f"no measured CUDA-graph cell of {', '.join(train_models)} to fit on")
+    names = list(FITTED)
+    low = np.array([FITTED[n][0] for n in names])
+    high = np.array([FITTED[n][1] for n in names])
+
+    def hardware_for(x: np.ndarray) -> Hardware:
+        values = {n: float(v) for n, v in zip(names, np.clip(x, low, high))}
+        return hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(update=values)})
+
+    def loss(x: np.ndarray) -> float:
+        predicted = predict_cells(with_hardware(campaign, hardware_for(x)), planned, train)
+        errors = [np.log(p[m] / row[m]) for row, p in zip(train.iter_rows(named=True), predicted) if p
+                  for m in FIT_METRICS if row.get(m) and p.get(m)]
+        return float(np.mean(np.square(errors))) if errors else 1e9
+
+    start = np.array([getattr(hardware.efficiency, n) for n in names])
+    result = minimize(loss, np.clip(start, low, high), method="Nelder-Mead", bounds=list(zip(low, high)),
+                      options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 200})
+    fitted = {n: float(v) for n, v in zip(names, np.clip(result.x, low, high))}
+    cells = train.get_column("cell_id").to_list()
+    rms = float(np.sqrt(result.fun))
+    sources = {f"efficiency.{n}": (f"fitted (Nelder-Mead, squared log errors of {', '.join(FIT_METRICS)}) on "
+                                   f"{len(cells)} measured cells of {', '.join(train_models)}; RMS log error "
+                                   f"{rms:.3f}") for n in names}
+    return fitted, sources, cells, rms
+
+
+def make_profile(name: str, hardware: Hardware, engine: str, efficiency: dict[str, float], sources: dict[str, str],
+                 inputs: list[Path], fitted_on: list[str] = ()) -> HardwareProfile:
+    return HardwareProfile(
+        name=name, hardware=hardware.name, engine=engine,
+        created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        efficiency=efficiency, sources=sources, inputs={Path(p).name: sha256_of(p) for p in inputs},
+        fitted_on=list(fitted_on))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ProfileError(f"{path}: cannot read the benchmark output ({err})") from None
