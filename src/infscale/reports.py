@@ -45,6 +45,37 @@ def print_plan(run: CampaignRun, per_cell: bool = False, console: Console | None
         f"{len(run.jobs())} bench jobs ({run.packing} packing); "
         f"estimated {sum(i.est_gpu_hours for i in feasible):,.1f} GPU-hours on {campaign.hardware.name}"
     )
+    if campaign.spec.backend == "trtllm":
+        print_engines(run, console)
+
+
+def print_engines(run: CampaignRun, console: Console) -> None:
+    """The TensorRT engines the `engine` flow builds: one per build spec of the feasible cells, about the size of
+    the weights of one replica (engines bake the weights in; the pytorch flow builds none)."""
+    from dataclasses import replace
+
+    from infscale.backends.base import BuildSpec
+
+    # one engine serves every workload of its layout: the longest sequence decides its max_seq_len
+    engines: dict[BuildSpec, list] = defaultdict(list)
+    for item in run.planned:
+        if item.feasible:
+            engines[replace(BuildSpec.for_cells([item.cell]), max_seq_len=0)].append(item)
+    table = Table(title="engines to build (flow 'engine'; the 'pytorch' flow builds none)")
+    for column in ("model", "weights", "TP", "PP", "max seq len", "max batch", "max tokens", "cells",
+                   "est. size GiB"):
+        table.add_column(column, justify="left" if column in ("model", "weights") else "right")
+    total = 0.0
+    for build, items in engines.items():
+        first = items[0]
+        replica_gpus = first.cell.layout.gpus_per_replica
+        size = first.memory.weights_bytes_per_gpu * replica_gpus / 2**30
+        total += size
+        table.add_row(build.model, build.weight_dtype, str(build.tp), str(build.pp),
+                      str(max(i.cell.isl.max_length + i.cell.osl.max_length for i in items)),
+                      str(build.max_num_seqs), str(build.max_num_tokens), str(len(items)), f"{size:,.0f}")
+    console.print(table)
+    console.print(f"{len(engines)} engines, about {total:,.0f} GiB in the engine cache")
 
 
 def print_status(run: CampaignRun, console: Console | None = None) -> bool:

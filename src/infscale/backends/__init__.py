@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from infscale.backends.base import Artefact, Backend, BuildSpec, CellResult, InfeasibleCell
 
-AVAILABLE = ("sim", "torch")
+AVAILABLE = ("sim", "torch", "trtllm")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, options: dict | None = None) -> Backend:
+    """The backend called `name`; `options` are its site settings (the trtllm backend needs them)."""
     if name == "sim":
         from infscale.backends.sim.backend import SimBackend
 
@@ -19,7 +20,13 @@ def get_backend(name: str) -> Backend:
             raise RuntimeError(f"the 'torch' backend needs PyTorch ({err}); install infscale[torch]") from None
         return TorchBackend()
     if name == "trtllm":
-        raise NotImplementedError("the 'trtllm' backend is not part of this infscale version yet; use 'sim'")
+        from infscale.backends.trtllm.backend import TrtllmBackend
+        from infscale.backends.trtllm.commands import TrtllmConfigError, TrtllmSettings
+
+        if options is None:
+            raise TrtllmConfigError("the 'trtllm' backend needs a `trtllm:` section in the launcher settings "
+                                    "(TensorRT-LLM version, local model directories; see docs/trtllm.md)")
+        return TrtllmBackend(TrtllmSettings.model_validate(options))
     raise ValueError(f"unknown backend '{name}'; allowed: sim, torch, trtllm")
 
 

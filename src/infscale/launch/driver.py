@@ -45,12 +45,12 @@ def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
               log: Callable[[str], None] = print) -> None:
     """Return when every cell of `job` is on disk; raise JobFailed otherwise."""
     if settings.executor == "debug":
-        BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job)()
+        BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job, settings.trtllm)()
     else:
         registry = Registry(run.results_dir)
         with driver_lock(registry.folder / f"{job}.lock", f"bench job {job} of campaign {run.campaign.name}"):
             if settings.executor == "local":
-                _drive_local(run, job)
+                _drive_local(run, job, settings)
             else:
                 _drive_slurm(run, job, settings, registry, log)
     missing = missing_cells(run, job)
@@ -59,12 +59,13 @@ def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
                         f"logs/measured.log); rerun to retry them")
 
 
-def _drive_local(run: CampaignRun, job: str) -> None:
+def _drive_local(run: CampaignRun, job: str, settings: LauncherSettings) -> None:
     import submitit
 
     executor = submitit.LocalExecutor(folder=run.results_dir / "jobs" / "submitit")
     executor.update_parameters(timeout_min=24 * 60)
-    submitted = executor.submit(BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job))
+    submitted = executor.submit(BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job,
+                                         settings.trtllm))
     submitted.result()
 
 
@@ -134,7 +135,7 @@ def _submit(run: CampaignRun, job: str, settings: LauncherSettings, name: str, e
                                      slurm_max_num_timeout=slurm.max_requeues, slurm_python=python)
     executor.update_parameters(**submitit_parameters(resources, slurm, name, excluded))
     submitted = executor.submit(BenchJob(str(run.campaign_file.resolve()), str(run.results_root.resolve()),
-                                         run.packing, job))
+                                         run.packing, job, settings.trtllm))
     return Attempt(str(submitted.job_id), utc_now(), reason, list(excluded))
 
 

@@ -20,11 +20,13 @@ class BenchJob(Checkpointable):
     """Callable shipped to the job. On USR2 (time limit or preemption) submitit requeues it with the same
     arguments; cells already on disk are skipped, so it resumes at the next unfinished cell."""
 
-    def __init__(self, campaign_file: str, results_root: str, packing: str, job: str):
+    def __init__(self, campaign_file: str, results_root: str, packing: str, job: str,
+                 backend_options: dict | None = None):
         self.campaign_file = campaign_file
         self.results_root = results_root
         self.packing = packing
         self.job = job
+        self.backend_options = backend_options  # site settings of the backend (the launcher's `trtllm:` section)
 
     def __call__(self) -> dict[str, object]:
         from infscale.launch.runner import run_cells
@@ -34,7 +36,14 @@ class BenchJob(Checkpointable):
         outcome: dict[str, object] = {"job": self.job, "host": socket.gethostname(),
                                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started_at": utc_now()}
         backend = None
-        if run.campaign.spec.backend == "torch" and task_count() > 1:
+        if run.campaign.spec.backend == "trtllm":
+            from infscale.backends import get_backend
+
+            if task_count() > 1 and task_rank() != 0:
+                # a multi-node trtllm job gets one task per node; the first starts the MPI job steps
+                return {**outcome, "status": "idle", "ended_at": utc_now()}
+            backend = get_backend("trtllm", self.backend_options)
+        elif run.campaign.spec.backend == "torch" and task_count() > 1:
             # one task per GPU: task 0 runs the cells and leads; the others serve their ranks until it stops
             from infscale.backends.torch.backend import TorchBackend
             from infscale.backends.torch.workers import JoinedRanks, join_slurm_tasks
@@ -51,8 +60,8 @@ class BenchJob(Checkpointable):
             write_outcome(run.results_dir, outcome)
             raise
         finally:
-            if backend is not None:
-                backend.close()  # releases the follower tasks
+            if backend is not None and hasattr(backend, "close"):
+                backend.close()  # releases the torch backend's follower tasks
         failed = [o for o in outcomes if o.status == "failed"]
         outcome.update(status="failed" if failed else "done", ended_at=utc_now(),
                        measured=sum(o.status != "skipped" for o in outcomes),
@@ -68,6 +77,15 @@ def task_count() -> int:
     import submitit
 
     return submitit.JobEnvironment().num_tasks
+
+
+def task_rank() -> int:
+    """This task's global rank in its submitit job (0 outside one)."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return 0
+    import submitit
+
+    return submitit.JobEnvironment().global_rank
 
 
 def outcome_file(results_dir: Path, slurm_job_id: str | None) -> Path:

@@ -37,8 +37,12 @@ def job_resources(cells: list[PlannedCell], hardware: Hardware, backend: str, se
         nodes = layout.nodes(hardware.gpus_per_node)
         gpus_per_node = math.ceil(layout.gpus / nodes)
         estimate = STARTUP_SECONDS + sum(c.est_seconds for c in cells)
-        resources = (nodes, gpus_per_node, gpus_per_node, settings.cpus_per_gpu,
-                     settings.mem_per_gpu_gb * gpus_per_node)
+        if backend == "torch":  # one task per GPU rank (the tasks join one process group)
+            resources = (nodes, gpus_per_node, gpus_per_node, settings.cpus_per_gpu,
+                         settings.mem_per_gpu_gb * gpus_per_node)
+        else:  # trtllm: one task that starts the MPI ranks as job steps (srun --mpi=pmix … trtllm-llmapi-launch)
+            resources = (nodes, gpus_per_node, 1, settings.cpus_per_gpu * gpus_per_node,
+                         settings.mem_per_gpu_gb * gpus_per_node)
     else:
         estimate = 60.0 + SIM_SECONDS_PER_CELL * len(cells)
         resources = (1, 0, 1, settings.cpus_per_cpu_job, settings.mem_per_cpu_job_gb)

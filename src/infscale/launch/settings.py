@@ -111,6 +111,17 @@ class LauncherSettings(_Strict):
     poll_interval_s: float = Field(default=10.0, gt=0, description="seconds between batched status queries")
     max_poll_interval_s: float = Field(default=120.0, gt=0, description="backoff ceiling")
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    # the trtllm backend's site settings (container version, local model dirs, engine cache): docs/trtllm.md
+    trtllm: dict[str, Any] | None = None
+
+    @field_validator("trtllm")
+    @classmethod
+    def _trtllm(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from infscale.backends.trtllm.commands import TrtllmSettings
+
+            TrtllmSettings.model_validate(value)  # checked here, before anything is submitted
+        return value
 
 
 def load_launcher_settings(raw: Any, source: str) -> LauncherSettings:
