@@ -11,6 +11,7 @@ whatever was read.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -138,6 +139,37 @@ class NvmlReader:
 
     def close(self) -> None:
         self.nvml.nvmlShutdown()
+
+
+def visible_gpus() -> list[tuple[str, str]]:
+    """(UUID, name) of the GPUs this process may use: CUDA_VISIBLE_DEVICES (indices or UUIDs) applied to NVML's
+    list; [] without NVML or GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid, name = pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle)
+            gpus.append((uuid.decode() if isinstance(uuid, bytes) else uuid,
+                         name.decode() if isinstance(name, bytes) else name))
+    finally:
+        pynvml.nvmlShutdown()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return gpus
+    chosen = []
+    for entry in (e.strip() for e in visible.split(",") if e.strip()):
+        if entry.isdigit():
+            if int(entry) < len(gpus):
+                chosen.append(gpus[int(entry)])
+        else:
+            chosen.extend(g for g in gpus if g[0] == entry or g[0] == f"GPU-{entry}")
+    return chosen
 
 
 class GpuSampler:
