@@ -26,7 +26,9 @@ ACCOUNT=${LOCAL_SLURM_ACCOUNT:-infscale-test}
 ENFORCE_ACCOUNTS=${LOCAL_SLURM_ENFORCE_ACCOUNTS:-1}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-60}
 
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+# libpmix-dev: Slurm's mpi/pmix plugin dlopens pmix2/lib/libpmix.so, which only the -dev package provides
+# (srun --mpi=pmix job steps: the trtllm backend's MPI ranks)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server libpmix-dev)
 # Daemons in start order; `down` stops them in reverse order.
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 

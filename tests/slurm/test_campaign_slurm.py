@@ -638,3 +638,51 @@ def test_torch_backend_runs_one_task_per_gpu_rank(make_campaign) -> None:
         assert f"gres/gpu={gpus}" in steps[0], steps
     tp2 = next(c for c in camp.cell_ids() if ".dp1tp2pp1." in c)
     assert pl.read_parquet(camp.results_dir / "cells" / f"{tp2}.parquet")["gpu_name"].to_list() == ["cpu"]
+
+
+def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_path: Path) -> None:
+    """The trtllm backend through sbatch with stand-ins for trtllm-bench and trtllm-llmapi-launch (TensorRT-LLM
+    cannot be installed here): a TP2 cell's ranks are one `srun --mpi=pmix` step of 2 tasks inside the job, a DP2
+    cell's replicas two concurrent steps on their own GPUs; every cell ends ok with the stand-in's numbers."""
+    import polars as pl
+
+    standin = REPO_ROOT / "tests" / "trtllm" / "standin"
+    log = tmp_path / "standin.jsonl"
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    tiny = REPO_ROOT / "tests" / "data" / "hf" / "tiny-llama.json"
+    (model_dir / "config.json").write_text(tiny.read_text())
+    spec = {"backend": "trtllm", "hardware": "h100-sxm", "models": [str(tiny)], "layouts": ["dp1", "tp2", "dp2"],
+            "requests": 4, "engine": {"max_num_seqs": 4, "max_num_tokens": 256},
+            "workloads": [{"name": "w", "isl": 16, "osl": 10}]}
+    launcher = slurm_launcher(account=ACCOUNT, cpus_per_gpu=1, mem_per_gpu_gb=2)
+    launcher["trtllm"] = {"version": "1.2.1", "model_paths": {"tiny-llama": str(model_dir)},
+                          "workspace": str(tmp_path / "work"), "warmup": 0}
+    camp = make_campaign("trtllm", spec, launcher)
+    env = camp.environment(PATH=f"{standin}{os.pathsep}{os.environ['PATH']}", STANDIN_LOG=str(log))
+    camp.drive_ok(timeout=240, env=env)
+
+    merged = camp.merged()
+    assert merged["status"].to_list() == ["ok"] * 3, merged.select("cell_id", "status", "reason")
+    assert (merged["output_tokens"] == 40).all() and set(merged["engine_path"]) == {"trtllm-pytorch"}
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    launches = [c for c in calls if "launch_rank" in c]
+    # DP1: one step of 1 task; TP2: one step of 2 tasks (ranks 0 and 1); DP2: two steps of 1 task
+    assert sorted((c["ntasks"], c["launch_rank"]) for c in launches) == [("1", 0)] * 3 + [("2", 0), ("2", 1)], \
+        launches
+    tp_step = [c for c in launches if c["ntasks"] == "2"]
+    one_gpu = [c for c in launches if c["ntasks"] == "1"]
+    assert {len(c["cuda_visible_devices"].split(",")) for c in tp_step} == {2}  # both of its job's GPUs
+    # the DP2 job's two steps (the one job with two one-task steps): one GPU each, not the same one
+    by_job = Counter(c["job"] for c in one_gpu)
+    (dp_job,) = [job for job, steps in by_job.items() if steps == 2]
+    dp_steps = [c for c in one_gpu if c["job"] == dp_job]
+    assert len({c["step"] for c in dp_steps}) == 2, dp_steps
+    assert all("," not in c["cuda_visible_devices"] for c in dp_steps), dp_steps
+    assert len({c["cuda_visible_devices"] for c in dp_steps}) == 2, dp_steps
+    runs = [c for c in calls if "argv" in c]
+    assert len(runs) == 4 and all("--streaming" in c["argv"] for c in runs)  # dp1, tp2, and two DP replicas
+    jobs = camp.settled_jobs(3)
+    assert len(jobs) == 3 and all(j.state == "COMPLETED" for j in jobs), jobs
+    tp2 = merged.filter(pl.col("tp") == 2)
+    assert tp2["output_tok_s_per_gpu"][0] == pytest.approx(tp2["output_tok_s"][0] / 2)

@@ -17,6 +17,7 @@ from infscale.backends.trtllm.commands import (
     engine_build_commands,
     extra_options,
     launch,
+    replica_gpus,
     replica_processes,
 )
 from infscale.backends.trtllm.dataset import dataset_lines
@@ -69,7 +70,7 @@ def test_tp4_on_one_node_runs_four_mpi_tasks() -> None:
 
 def test_pp2_tp4_in_a_slurm_job_uses_srun_pmix_with_block_distribution() -> None:
     (only,) = processes("dp1tp4pp2", slurm=True)
-    assert only.argv == ["srun", "--mpi=pmix", "--export=ALL", "--nodes", "1", "--ntasks", "8",
+    assert only.argv == ["srun", "--mpi=pmix", "--export=ALL", "--overlap", "--nodes", "1", "--ntasks", "8",
                          "--ntasks-per-node", "8", "--distribution=block", "trtllm-llmapi-launch",
                          *pytorch_run(4, 2)]
 
@@ -79,18 +80,27 @@ def test_dp2_tp4_replicas_take_disjoint_gpus() -> None:
     assert first.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and second.env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
     assert second.argv == ["mpirun", "--allow-run-as-root", "-n", "4", "trtllm-llmapi-launch",
                            *pytorch_run(4, 1, replica=1)]
-    # in a Slurm job, each replica is its own job step on its own GPUs
+    # in a Slurm job, each replica is its own job step on its own slice of the job's GPUs
     step_one, step_two = processes("dp2tp4pp1", slurm=True)
-    assert step_two.argv[:10] == ["srun", "--mpi=pmix", "--export=ALL", "--nodes", "1", "--ntasks", "4",
-                                  "--ntasks-per-node", "4", "--distribution=block"]
-    assert step_two.argv[10:12] == ["--exact", "--gpus-per-node=4"] and "CUDA_VISIBLE_DEVICES" not in step_two.env
+    assert step_two.argv[:11] == ["srun", "--mpi=pmix", "--export=ALL", "--overlap", "--nodes", "1", "--ntasks",
+                                  "4", "--ntasks-per-node", "4", "--distribution=block"]
+    assert step_two.argv[11:14] == ["env", "CUDA_VISIBLE_DEVICES=4,5,6,7", "trtllm-llmapi-launch"]
+    # replicas of whole nodes go to their own node of the job
+    parsed = Layout.parse("dp2tp8pp1")
+    wide = replica_processes(settings(), get_model("llama-3.1-8b"), "llama-3.1-8b", parsed, KNOBS,
+                             [OUT / "a", OUT / "b"], [8, 8], None, OUT, 8, True, None)
+    assert "--relative=1" in wide[1].argv and "--relative=1" not in wide[0].argv
+    assert "CUDA_VISIBLE_DEVICES" not in wide[1].env
+    # the job's own device list is what replicas share out
+    assert replica_gpus(1, 2, 8, ["3", "5", "6", "7", "0", "1", "2", "4"]) == (0, "6,7")
+    assert replica_gpus(5, 2, 8, None) == (1, "2,3")
 
 
 def test_sixteen_gpus_over_two_nodes_keep_tp_inside_a_node() -> None:
     (only,) = processes("dp1tp8pp2", slurm=True, model="llama-3.1-405b")
-    assert only.argv[:9] == ["srun", "--mpi=pmix", "--export=ALL", "--nodes", "2", "--ntasks", "16",
-                             "--ntasks-per-node", "8"]
-    assert only.argv[10:] == ["trtllm-llmapi-launch", *pytorch_run(8, 2, model="llama-3.1-405b")]
+    assert only.argv[:10] == ["srun", "--mpi=pmix", "--export=ALL", "--overlap", "--nodes", "2", "--ntasks", "16",
+                              "--ntasks-per-node", "8"]
+    assert only.argv[11:] == ["trtllm-llmapi-launch", *pytorch_run(8, 2, model="llama-3.1-405b")]
     with pytest.raises(TrtllmConfigError, match="spans nodes"):
         launch(["x"], 16, 8, slurm=False)
 

@@ -173,7 +173,7 @@ class TrtllmBackend:
             concurrency = max(1, -(-(cell.arrival.concurrency or 1) // cell.dp))
         processes = replica_processes(self.settings, arch, cell.model, cell.layout, knobs, datasets, counts,
                                       concurrency, out_dir, campaign.hardware.gpus_per_node, self.slurm,
-                                      options_file, artefact.path)
+                                      options_file, artefact.path, visible_devices=_visible_devices())
         gpus = visible_gpus()
         sampler = GpuSampler([uuid for uuid, _ in gpus]) if gpus else None
         if sampler:
@@ -221,6 +221,11 @@ class TrtllmBackend:
                 summary["energy_per_output_token_j"] = summary["energy_j"] / summary["output_tokens"]
             series = telemetry.series()
         return CellResult(summary=summary, telemetry=series, predicted=False)
+
+
+def _visible_devices() -> list[str] | None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [d.strip() for d in visible.split(",") if d.strip()] if visible else None
 
 
 def _replica_layout(build: BuildSpec):

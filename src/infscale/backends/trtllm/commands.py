@@ -208,10 +208,13 @@ def replica_environment(settings: TrtllmSettings, arch: ModelArch, layout: Layou
 
 
 def launch(argv: list[str], world: int, gpus_per_node: int, slurm: bool, srun_extra: list[str] = (),
-           own_gpus: bool = False) -> list[str]:
+           first_node: int = 0, devices: str | None = None) -> list[str]:
     """Wrap one replica's command: W MPI tasks under trtllm-llmapi-launch (nothing to wrap for W = 1 off Slurm).
-    `own_gpus`: in a job shared by several replicas, the step takes only its own GPUs (`--exact`), all of them
-    visible to each of its tasks (TensorRT-LLM picks the device by local rank; one GPU per task breaks that)."""
+
+    In a Slurm job the ranks are a job step; `--overlap` because the job's own task (the bench job driving this)
+    holds the allocation's CPUs and GPUs, and `--relative` puts a replica on its own node(s) of the job. Slurm
+    sets each step's CUDA_VISIBLE_DEVICES to all the job's GPUs, so a replica's share (`devices`) is set inside
+    the step, by `env`, after Slurm's."""
     if not slurm:
         if world == 1:
             return list(argv)
@@ -222,18 +225,33 @@ def launch(argv: list[str], world: int, gpus_per_node: int, slurm: bool, srun_ex
     per_node = -(-world // nodes)
     if nodes * per_node != world:
         raise TrtllmConfigError(f"{world} ranks do not split evenly over {nodes} nodes of {gpus_per_node} GPUs")
-    step = ["srun", "--mpi=pmix", "--export=ALL", "--nodes", str(nodes), "--ntasks", str(world),
+    step = ["srun", "--mpi=pmix", "--export=ALL", "--overlap", "--nodes", str(nodes), "--ntasks", str(world),
             "--ntasks-per-node", str(per_node), "--distribution=block"]
-    if own_gpus:
-        step += ["--exact", f"--gpus-per-node={per_node}"]
-    return [*step, *srun_extra, "trtllm-llmapi-launch", *argv]
+    if first_node:
+        step.append(f"--relative={first_node}")
+    inside = ["env", f"CUDA_VISIBLE_DEVICES={devices}"] if devices is not None else []
+    return [*step, *srun_extra, *inside, "trtllm-llmapi-launch", *argv]
+
+
+def replica_gpus(replica: int, world: int, gpus_per_node: int, visible: list[str] | None) -> tuple[int, str | None]:
+    """The node (index within the job) and the CUDA_VISIBLE_DEVICES of DP replica `replica`: replicas fill nodes
+    in order; a replica smaller than a node takes a slice of the node's GPUs (`visible`: the job's own list on a
+    node, the same on every node; None = 0 … gpus_per_node-1), a larger one whole nodes."""
+    if world >= gpus_per_node:
+        return replica * (world // gpus_per_node), None
+    first = replica * world
+    node, local = divmod(first, gpus_per_node)
+    ids = visible or [str(g) for g in range(gpus_per_node)]
+    return node, ",".join(ids[local:local + world])
 
 
 def replica_processes(settings: TrtllmSettings, arch: ModelArch, model: str, layout: Layout, knobs: BuildKnobs,
                       dataset_per_replica: list[Path], requests_per_replica: list[int], concurrency: int | None,
                       out_dir: Path, gpus_per_node: int, slurm: bool, options_file: Path | None,
-                      engine_dir: Path | None = None, srun_extra: list[str] = ()) -> list[Process]:
-    """One process per DP replica, on disjoint GPUs, each with its own dataset share and report files."""
+                      engine_dir: Path | None = None, srun_extra: list[str] = (),
+                      visible_devices: list[str] | None = None) -> list[Process]:
+    """One process per DP replica, on disjoint GPUs, each with its own dataset share and report files
+    (`visible_devices`: the job's CUDA_VISIBLE_DEVICES, which replicas smaller than a node share out)."""
     settings.check_flow()
     world = layout.tp * layout.pp
     processes = []
@@ -242,10 +260,15 @@ def replica_processes(settings: TrtllmSettings, arch: ModelArch, model: str, lay
         argv = throughput_argv(settings, model, layout, knobs, dataset_per_replica[replica],
                                requests_per_replica[replica], concurrency, replica_dir, options_file, engine_dir)
         env = replica_environment(settings, arch, layout, knobs)
-        if not slurm and layout.dp > 1:
-            first = replica * world
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(first, first + world))
-        command = launch(argv, world, gpus_per_node, slurm, srun_extra, own_gpus=slurm and layout.dp > 1)
+        node, devices = 0, None
+        if layout.dp > 1:
+            node, devices = replica_gpus(replica, world, gpus_per_node, visible_devices)
+            if not slurm and node:
+                raise TrtllmConfigError(f"{layout} needs {layout.gpus} GPUs, more than one node: run it in a Slurm job")
+            if devices is not None and not slurm:
+                env["CUDA_VISIBLE_DEVICES"] = devices
+        command = launch(argv, world, gpus_per_node, slurm, srun_extra, first_node=node,
+                         devices=devices if slurm else None)
         processes.append(Process(argv=command, env=env,
                                  report_json=replica_dir / "report.json",
                                  request_json=replica_dir / "requests.json",
