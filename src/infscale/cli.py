@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--name", required=True, help="profile name, e.g. h100-sxm.torch.2026-11-27")
     calibrate.add_argument("--out", type=Path, required=True)
 
+    engines = commands.add_parser("engines", help="list or garbage-collect a TensorRT-LLM engine cache")
+    engines.add_argument("action", choices=("list", "gc"))
+    engines.add_argument("--cache", type=Path, required=True, help="the engine cache directory (trtllm.engine_cache)")
+    engines.add_argument("--budget-gb", type=float, help="gc: delete least recently used engines beyond this size")
+    engines.add_argument("--keep", default="", help="gc: comma-separated engine digests never to delete")
+
     summary = commands.add_parser("summary", help="print the campaign summary")
     _campaign_args(summary)
 
@@ -261,6 +267,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engines(args: argparse.Namespace) -> int:
+    from infscale.backends.trtllm.cache import EngineCache, EngineCacheError
+
+    if not args.cache.is_dir():
+        print(f"--cache: {args.cache} is not a directory", file=sys.stderr)
+        return 2
+    cache = EngineCache(args.cache)
+    if args.action == "list":
+        for manifest in cache.list_engines():
+            key = manifest.get("key", {})
+            print(f"{Path(manifest['path']).name}  {manifest.get('total_bytes', 0) / 2**30:8.1f} GiB  "
+                  f"last used {manifest['last_used']}  TensorRT-LLM {key.get('trtllm_version', '?')}  "
+                  f"{key.get('gpu_name', '?')}")
+        return 0
+    if args.budget_gb is None or args.budget_gb < 0:
+        print("gc needs --budget-gb (a size in GiB, 0 or more)", file=sys.stderr)
+        return 2
+    try:
+        removed = cache.gc(int(args.budget_gb * 2**30), {k for k in args.keep.split(",") if k})
+    except EngineCacheError as err:
+        print(err, file=sys.stderr)
+        return 1
+    for item in removed:
+        print(f"removed {item.path} ({item.bytes / 2**30:.1f} GiB, {item.reason})")
+    print(f"{len(removed)} removed")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     run = _campaign_run(args)
     if not run.summary_file.exists():
@@ -367,7 +401,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
-    "calibrate": cmd_calibrate,
+    "calibrate": cmd_calibrate, "engines": cmd_engines,
 }
 
 if __name__ == "__main__":

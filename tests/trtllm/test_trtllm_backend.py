@@ -107,3 +107,23 @@ def test_run_processes_reports_the_failing_replica(tmp_path: Path) -> None:
     bad = Process(argv=["python3", "-c", "import sys; print('NCCL error: unhandled system error'); sys.exit(3)"])
     with pytest.raises(RuntimeError, match=r"replica 1 exited with 3: NCCL error"):
         run_processes([ok, bad], tmp_path)
+
+
+def test_engines_cli_lists_and_collects(tmp_path: Path, standin: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    from infscale.cli import main
+
+    monkeypatch.setattr(backend_module, "visible_gpus", lambda: [("GPU-0", "NVIDIA H100 80GB HBM3")])
+    campaign = load_campaign(campaign_file(tmp_path, ["dp1"]))
+    planned = [p for p in plan_campaign(campaign) if p.feasible]
+    run_cells(campaign, planned, tmp_path / "results", TrtllmBackend(settings(tmp_path, "engine"), slurm=False))
+    cache = tmp_path / "engines"
+    assert main(["engines", "list", "--cache", str(cache)]) == 0
+    listed = capsys.readouterr().out
+    assert "tiny-llama.bf16.tp1pp1." in listed and "TensorRT-LLM 1.2.1" in listed
+    assert main(["engines", "gc", "--cache", str(cache)]) == 2
+    assert "gc needs --budget-gb" in capsys.readouterr().err
+    assert main(["engines", "gc", "--cache", str(cache), "--budget-gb", "1"]) == 0  # within budget: nothing goes
+    assert len(EngineCache(cache).list_engines()) == 1
+    assert main(["engines", "gc", "--cache", str(cache), "--budget-gb", "0"]) == 0
+    assert "1 removed" in capsys.readouterr().out and EngineCache(cache).list_engines() == []
