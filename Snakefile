@@ -28,6 +28,7 @@ rule all:
     input:
         CAMPAIGN.merged_file,
         CAMPAIGN.summary_file,
+        CAMPAIGN.fits_file,
 
 
 onsuccess:

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="merge the campaign's cell files; write cells.parquet, summary.md")
     _campaign_args(merge)
 
+    fit = commands.add_parser("fit", help="fit scaling laws (USL, power law, the OSL capacity knee) to the merged "
+                              "cells; write fits.parquet")
+    _campaign_args(fit)
+
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
     _campaign_args(validate)
@@ -188,6 +192,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     tmp.write_text(text)
     tmp.replace(run.summary_file)
     print(f"merged {frame.height} cells into {run.merged_file}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from infscale.analysis.fits import fit_campaign
+    from infscale.results.io import write_table_atomic
+
+    run = _campaign_run(args)
+    if not run.merged_file.exists():
+        print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
+        return 1
+    fits = fit_campaign(pl.read_parquet(run.merged_file))
+    write_table_atomic(fits.to_arrow(), run.fits_file, {b"infscale.config_hash": run.campaign.config_hash.encode()})
+    laws = dict(fits.group_by("law").len().iter_rows()) if fits.height else {}
+    print(f"{fits.height} fits ({', '.join(f'{n} {law}' for law, n in sorted(laws.items())) or 'none'}) "
+          f"written to {run.fits_file}")
     return 0
 
 
@@ -401,7 +423,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
-    "calibrate": cmd_calibrate, "engines": cmd_engines,
+    "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
 }
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class CampaignRun:
     def summary_file(self) -> Path:
         return self.results_dir / "summary.md"
 
+    @property
+    def fits_file(self) -> Path:
+        return self.results_dir / "fits.parquet"
+
     def job_summary(self, job: str) -> Path:
         """Written by the bench job when all its cells are done: their summary rows."""
         return self.results_dir / "bench" / f"{job}.parquet"

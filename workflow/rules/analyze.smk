@@ -7,3 +7,12 @@ rule merge:
         summary=CAMPAIGN.summary_file,
     shell:
         "{INFSCALE} merge {COMMON}"
+
+
+rule fit:
+    input:
+        cells=CAMPAIGN.merged_file,
+    output:
+        fits=CAMPAIGN.fits_file,
+    shell:
+        "{INFSCALE} fit {COMMON}"
