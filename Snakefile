@@ -29,6 +29,7 @@ rule all:
         CAMPAIGN.merged_file,
         CAMPAIGN.summary_file,
         CAMPAIGN.fits_file,
+        CAMPAIGN.claims_file,
 
 
 onsuccess:

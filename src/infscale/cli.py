@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                               "cells; write fits.parquet")
     _campaign_args(fit)
 
+    claims = commands.add_parser("claims", help="check the paper's claims C1–C12 on the merged cells; write "
+                                 "claims.parquet and claims.md")
+    _campaign_args(claims)
+
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
     _campaign_args(validate)
@@ -210,6 +214,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
     laws = dict(fits.group_by("law").len().iter_rows()) if fits.height else {}
     print(f"{fits.height} fits ({', '.join(f'{n} {law}' for law, n in sorted(laws.items())) or 'none'}) "
           f"written to {run.fits_file}")
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from infscale.analysis.claims import check_claims, claims_markdown
+    from infscale.results.io import write_table_atomic
+
+    run = _campaign_run(args)
+    if not run.merged_file.exists():
+        print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
+        return 1
+    fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
+    params = {arch.name: float(arch.param_counts().total) for arch in run.campaign.models.values()}
+    verdicts = check_claims(pl.read_parquet(run.merged_file), params, fits)
+    table = pl.DataFrame([v.row() for v in verdicts])
+    write_table_atomic(table.to_arrow(), run.claims_file,
+                       {b"infscale.config_hash": run.campaign.config_hash.encode()})
+    text = claims_markdown(verdicts, run.campaign.name)
+    tmp = run.claims_file.with_name(".claims.md.tmp")
+    tmp.write_text(text)
+    tmp.replace(run.claims_file.with_suffix(".md"))
+    print(text)
     return 0
 
 
@@ -424,6 +452,7 @@ COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
+    "claims": cmd_claims,
 }
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ class CampaignRun:
     def fits_file(self) -> Path:
         return self.results_dir / "fits.parquet"
 
+    @property
+    def claims_file(self) -> Path:
+        return self.results_dir / "claims.parquet"
+
     def job_summary(self, job: str) -> Path:
         """Written by the bench job when all its cells are done: their summary rows."""
         return self.results_dir / "bench" / f"{job}.parquet"

@@ -16,3 +16,13 @@ rule fit:
         fits=CAMPAIGN.fits_file,
     shell:
         "{INFSCALE} fit {COMMON}"
+
+
+rule claims:
+    input:
+        cells=CAMPAIGN.merged_file,
+        fits=CAMPAIGN.fits_file,
+    output:
+        claims=CAMPAIGN.claims_file,
+    shell:
+        "{INFSCALE} claims {COMMON}"
