@@ -1,10 +1,12 @@
-# infscale campaign DAG: plan -> bench (one job per layout group, or per model locally) -> merge + summary.
+# infscale campaign DAG: plan -> [engine: trtllm engine flow] -> bench (one job per layout group, or per model
+# locally) -> merge + summary -> fit -> claims.
 # Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
 # All logic lives in src/infscale; the rules only call the `infscale` command line.
 
 import sys
 from pathlib import Path
 
+from infscale.launch.engines import engine_flow, engines_of_job
 from infscale.pipeline import CampaignRun
 
 CAMPAIGN = CampaignRun(
@@ -18,6 +20,7 @@ COMMON = f"{CAMPAIGN.campaign_file} --results-root {CAMPAIGN.results_root} --pac
 # Launcher settings (profiles/slurm/settings.yaml's `launcher:` block): validated, and checked against the
 # cluster, before anything is submitted; the bench jobs read them from a file in the results directory.
 LAUNCHER_FILE = CAMPAIGN.write_launcher_settings(config.get("launcher"))
+ENGINE_FLOW = CAMPAIGN.campaign.spec.backend == "trtllm" and engine_flow(config.get("launcher"))
 
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/bench.smk"

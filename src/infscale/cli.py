@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--job", required=True)
     bench.add_argument("--launcher", type=Path, help="launcher settings (YAML/JSON); default: run in this process")
 
+    engine = commands.add_parser("engine", help="build (or find in the cache) one TensorRT-LLM engine of the "
+                                 "campaign (the workflow's engine rule; trtllm backend, engine flow)")
+    _campaign_args(engine)
+    engine.add_argument("--engine", required=True, help="engine label (results/<c>/engines/<label>.json)")
+    engine.add_argument("--launcher", type=Path, help="launcher settings (YAML/JSON) with the trtllm section")
+
     status = commands.add_parser("status", help="cells done/pending/failed per bench job, with Slurm job states")
     _campaign_args(status)
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh until every cell is done")
@@ -168,6 +174,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     outcomes = job_outcomes(run.jobs()[args.job], run.results_dir)
     write_job_summary(run.job_summary(args.job), args.job, outcomes)
     print(f"{args.job}: all {len(outcomes)} cells on disk")
+    return 0
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from infscale.launch.engines import drive_engine
+    from infscale.launch.settings import check_against_cluster, load_launcher_settings
+
+    run = _campaign_run(args)
+    settings = load_launcher_settings(args.launcher, str(args.launcher or "launcher"))
+    check_against_cluster(settings, str(args.launcher))
+    try:
+        pointer = drive_engine(run, args.engine, settings)
+    except Exception as err:  # the build job's own error, with its last line
+        print(f"engine {args.engine}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"engine {args.engine}: {pointer['engine_dir']}")
     return 0
 
 
@@ -452,7 +474,7 @@ COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
-    "claims": cmd_claims,
+    "claims": cmd_claims, "engine": cmd_engine,
 }
 
 if __name__ == "__main__":

@@ -640,10 +640,12 @@ def test_torch_backend_runs_one_task_per_gpu_rank(make_campaign) -> None:
     assert pl.read_parquet(camp.results_dir / "cells" / f"{tp2}.parquet")["gpu_name"].to_list() == ["cpu"]
 
 
-def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flow", ["pytorch", "engine"])
+def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_path: Path, flow: str) -> None:
     """The trtllm backend through sbatch with stand-ins for trtllm-bench and trtllm-llmapi-launch (TensorRT-LLM
     cannot be installed here): a TP2 cell's ranks are one `srun --mpi=pmix` step of 2 tasks inside the job, a DP2
-    cell's replicas two concurrent steps on their own GPUs; every cell ends ok with the stand-in's numbers."""
+    cell's replicas two concurrent steps on their own GPUs; every cell ends ok with the stand-in's numbers. The
+    engine flow first builds each engine once, in a Slurm job of its own, and the bench jobs run on it."""
     import polars as pl
 
     standin = REPO_ROOT / "tests" / "trtllm" / "standin"
@@ -656,9 +658,10 @@ def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_pat
             "requests": 4, "engine": {"max_num_seqs": 4, "max_num_tokens": 256},
             "workloads": [{"name": "w", "isl": 16, "osl": 10}]}
     launcher = slurm_launcher(account=ACCOUNT, cpus_per_gpu=1, mem_per_gpu_gb=2)
-    launcher["trtllm"] = {"version": "1.2.1", "model_paths": {"tiny-llama": str(model_dir)},
-                          "workspace": str(tmp_path / "work"), "warmup": 0}
-    camp = make_campaign("trtllm", spec, launcher)
+    launcher["trtllm"] = {"flow": flow, "version": "1.2.1", "model_paths": {"tiny-llama": str(model_dir)},
+                          "workspace": str(tmp_path / "work"), "warmup": 0,
+                          "engine_cache": str(tmp_path / "engines"), "gpu_name": "NVIDIA H100 80GB HBM3"}
+    camp = make_campaign(f"trtllm-{flow}", spec, launcher)
     env = camp.environment(PATH=f"{standin}{os.pathsep}{os.environ['PATH']}", STANDIN_LOG=str(log))
     camp.drive_ok(timeout=240, env=env)
 
@@ -666,7 +669,7 @@ def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_pat
     assert merged["status"].to_list() == ["ok"] * 3, merged.select("cell_id", "status", "reason")
     assert (merged["output_tokens"] == 40).all() and set(merged["engine_path"]) == {"trtllm-pytorch"}
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    launches = [c for c in calls if "launch_rank" in c]
+    launches = [c for c in calls if "launch_rank" in c and c["kind"] == "run"]
     # DP1: one step of 1 task; TP2: one step of 2 tasks (ranks 0 and 1); DP2: two steps of 1 task
     assert sorted((c["ntasks"], c["launch_rank"]) for c in launches) == [("1", 0)] * 3 + [("2", 0), ("2", 1)], \
         launches
@@ -680,9 +683,18 @@ def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_pat
     assert len({c["step"] for c in dp_steps}) == 2, dp_steps
     assert all("," not in c["cuda_visible_devices"] for c in dp_steps), dp_steps
     assert len({c["cuda_visible_devices"] for c in dp_steps}) == 2, dp_steps
-    runs = [c for c in calls if "argv" in c]
+    runs = [c for c in calls if "argv" in c and "throughput" in c["argv"]]
     assert len(runs) == 4 and all("--streaming" in c["argv"] for c in runs)  # dp1, tp2, and two DP replicas
-    jobs = camp.settled_jobs(3)
-    assert len(jobs) == 3 and all(j.state == "COMPLETED" for j in jobs), jobs
+    builds = [c for c in calls if "argv" in c and "build" in c["argv"]]
+    if flow == "pytorch":
+        assert builds == [] and all("--backend" in c["argv"] and "pytorch" in c["argv"] for c in runs)
+        expected_jobs = 3
+    else:  # two engines (TP1 for dp1 and dp2, TP2), each built once in its own job, then run from the cache
+        assert len(builds) == 2 and len(list((camp.results_dir / "engines").glob("*.json"))) == 2
+        engine_dirs = {c["argv"][c["argv"].index("--engine_dir") + 1] for c in runs}
+        assert len(engine_dirs) == 2 and all(Path(d, "manifest.json").exists() for d in engine_dirs)
+        expected_jobs = 5
+    jobs = camp.settled_jobs(expected_jobs)
+    assert len(jobs) == expected_jobs and all(j.state == "COMPLETED" for j in jobs), jobs
     tp2 = merged.filter(pl.col("tp") == 2)
     assert tp2["output_tok_s_per_gpu"][0] == pytest.approx(tp2["output_tok_s"][0] / 2)

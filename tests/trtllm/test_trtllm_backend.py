@@ -127,3 +127,40 @@ def test_engines_cli_lists_and_collects(tmp_path: Path, standin: Path, monkeypat
     assert len(EngineCache(cache).list_engines()) == 1
     assert main(["engines", "gc", "--cache", str(cache), "--budget-gb", "0"]) == 0
     assert "1 removed" in capsys.readouterr().out and EngineCache(cache).list_engines() == []
+
+
+def test_engine_flow_through_the_workflow(tmp_path: Path, standin: Path) -> None:
+    """`infscale run` with the engine flow: the workflow's engine rule builds each engine once (a pointer file per
+    engine), then the bench jobs run on them; a rerun builds and measures nothing."""
+    import subprocess
+    import sys
+
+    config = campaign_file(tmp_path, ["dp1", "tp2"])
+    model_dir = settings(tmp_path).model_paths["tiny-llama"]
+    launcher = {"executor": "debug", "trtllm": {
+        "flow": "engine", "version": "1.2.1", "model_paths": {"tiny-llama": model_dir}, "warmup": 0,
+        "engine_cache": str(tmp_path / "engines"), "workspace": str(tmp_path / "work"),
+        "gpu_name": "NVIDIA H100 80GB HBM3"}}
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(yaml.safe_dump({"packing": "layout", "launcher": launcher}))
+    # off Slurm a TP2 replica runs under mpirun: a stand-in mpirun runs rank 0's command
+    fake_mpirun = tmp_path / "bin" / "mpirun"
+    fake_mpirun.parent.mkdir()
+    fake_mpirun.write_text("#!/bin/sh\n# stand-in: drop mpirun's own options, run the command once\n"
+                           "while [ \"$1\" != trtllm-llmapi-launch ]; do shift; done\nshift\nexec \"$@\"\n")
+    fake_mpirun.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_mpirun.parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "infscale", "run", str(config), "--settings", str(settings_file),
+               "--results-root", str(tmp_path / "results"), "--directory", str(tmp_path)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    pointers = sorted((tmp_path / "results" / "trt" / "engines").glob("*.json"))
+    assert [p.name for p in pointers] == ["tiny-llama.bf16-bf16.tp1pp1.s8t512.json",
+                                          "tiny-llama.bf16-bf16.tp2pp1.s8t512.json"]
+    builds = [c for c in calls(standin) if "build" in c["argv"]]
+    assert len(builds) == 2 and len(EngineCache(tmp_path / "engines").list_engines()) == 2
+    merged = pl.read_parquet(tmp_path / "results" / "trt" / "cells.parquet")
+    assert merged["status"].to_list() == ["ok"] * 4 and set(merged["engine_path"]) == {"trtllm-engine"}
+    before = len(calls(standin))
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and len(calls(standin)) == before  # nothing built or measured again

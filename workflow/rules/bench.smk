@@ -4,9 +4,23 @@
 
 wildcard_constraints:
     job=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    engine=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+rule engine:
+    output:
+        RESULTS / "engines" / "{engine}.json",
+    log:
+        RESULTS / "logs" / "engines" / "{engine}.log",
+    shell:
+        "{INFSCALE} engine {COMMON} --engine {wildcards.engine} --launcher {LAUNCHER_FILE} > {log} 2>&1"
 
 
 rule bench:
+    input:
+        # the trtllm engine flow: the engines this job runs on are built first, once each (launch/engines.py)
+        engines=lambda wildcards: [RESULTS / "engines" / f"{label}.json"
+                                   for label in engines_of_job(CAMPAIGN, wildcards.job)] if ENGINE_FLOW else [],
     output:
         RESULTS / "bench" / "{job}.parquet",
     params:

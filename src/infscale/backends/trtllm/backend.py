@@ -136,6 +136,8 @@ class TrtllmBackend:
             raise TrtllmConfigError(f"{path}: cannot read the model's config.json ({err})") from None
 
     def _gpu_name(self) -> str:
+        if self.settings.gpu_name:
+            return self.settings.gpu_name
         gpus = visible_gpus()
         if not gpus:
             raise TrtllmConfigError("no GPU visible through NVML: engines are built for a GPU model, and this "

@@ -53,6 +53,8 @@ class TrtllmSettings(BaseModel):
     kv_cache_free_gpu_mem_fraction: float = Field(0.9, gt=0, le=1)
     warmup: int = Field(2, ge=0)
     build_workers: int = Field(1, ge=1)
+    gpu_name: str | None = Field(None, description="the GPU model for the engine cache key where NVML cannot "
+                                                   "tell (NVML is asked otherwise)")
     extra_llm_api_options: dict[str, object] = {}
 
     @field_validator("version")
