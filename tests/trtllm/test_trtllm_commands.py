@@ -162,3 +162,25 @@ def test_dataset_lines_follow_the_documented_format() -> None:
     assert [len(r["input_ids"]) for r in rows] == [4, 6] and all(3 not in r["input_ids"] for r in rows)
     assert lines[0].startswith('{"task_id":0,"input_ids":[') and " " not in lines[0]
     assert dataset_lines(requests, 10, 3, seed=7) == lines  # seeded: the same file on every node
+
+
+@pytest.mark.parametrize("layout, slurm, wrapper", [
+    ("dp1tp1pp1", False, []),
+    ("dp1tp4pp1", False, ["mpirun", "--allow-run-as-root", "-n", "4", "trtllm-llmapi-launch"]),
+    ("dp1tp4pp2", True, ["srun", "--mpi=pmix", "--export=ALL", "--overlap", "--nodes", "1", "--ntasks", "8",
+                         "--ntasks-per-node", "8", "--distribution=block", "trtllm-llmapi-launch"]),
+    ("dp2tp4pp1", False, ["mpirun", "--allow-run-as-root", "-n", "4", "trtllm-llmapi-launch"]),
+    ("dp1tp8pp2", True, ["srun", "--mpi=pmix", "--export=ALL", "--overlap", "--nodes", "2", "--ntasks", "16",
+                         "--ntasks-per-node", "8", "--distribution=block", "trtllm-llmapi-launch"]),
+])
+def test_engine_flow_for_every_layout_kind(layout: str, slurm: bool, wrapper: list[str]) -> None:
+    model = "llama-3.1-405b" if layout == "dp1tp8pp2" else "llama-3.1-8b"
+    found = processes(layout, flow="engine", slurm=slurm, model=model)
+    assert len(found) == Layout.parse(layout).dp
+    for replica, process in enumerate(found):
+        bench = ["trtllm-bench", "--model", model, "--model_path", MODEL_DIRS[model], "--workspace", "/tmp",
+                 "throughput", "--dataset", f"{OUT}/dataset{replica}.jsonl", "--backend", "tensorrt",
+                 "--engine_dir", "/shared/engines/x", *bench_tail(replica)]
+        assert process.argv == wrapper + bench
+    if layout == "dp2tp4pp1":
+        assert [p.env["CUDA_VISIBLE_DEVICES"] for p in found] == ["0,1,2,3", "4,5,6,7"]
