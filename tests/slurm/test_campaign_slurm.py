@@ -667,7 +667,7 @@ def test_trtllm_backend_runs_mpi_job_steps_inside_the_job(make_campaign, tmp_pat
 
     merged = camp.merged()
     assert merged["status"].to_list() == ["ok"] * 3, merged.select("cell_id", "status", "reason")
-    assert (merged["output_tokens"] == 40).all() and set(merged["engine_path"]) == {"trtllm-pytorch"}
+    assert (merged["output_tokens"] == 40).all() and set(merged["engine_path"]) == {f"trtllm-{flow}"}
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     launches = [c for c in calls if "launch_rank" in c and c["kind"] == "run"]
     # DP1: one step of 1 task; TP2: one step of 2 tasks (ranks 0 and 1); DP2: two steps of 1 task

@@ -113,7 +113,11 @@ def drive_engine(run: CampaignRun, label: str, settings: LauncherSettings) -> di
         slurm = settings.slurm
         resources = _build_resources(nodes, per_node, slurm)
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        executor.update_parameters(**submitit_parameters(resources, slurm, f"infscale-engine.{label}", []))
+        from infscale.launch.driver import slurm_job_name
+
+        # named like the campaign's bench jobs, so that sacct/squeue/scancel by campaign find it too
+        name = slurm_job_name(run.campaign.name, f"engine.{label}")
+        executor.update_parameters(**submitit_parameters(resources, slurm, name, []))
     return executor.submit(job).result()
 
 
