@@ -43,6 +43,21 @@ def main(argv: list[str] | None = None) -> int:
                          "catalog's efficiency constants")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
 
+    rec = commands.add_parser("recommend", help="rank the DP×TP×PP layouts of a GPU budget for a model and workload")
+    rec.add_argument("--model", required=True, help="catalog name or path to a Hugging Face config.json")
+    rec.add_argument("--gpus", type=int, required=True)
+    rec.add_argument("--hardware", default="h200-sxm")
+    rec.add_argument("--precision", default="bf16")
+    rec.add_argument("--isl", type=int, required=True)
+    rec.add_argument("--osl", type=int, required=True)
+    rec.add_argument("--requests", default="auto")
+    rec.add_argument("--max-num-seqs", type=int, default=256)
+    rec.add_argument("--ttft-p99-ms", type=float, help="SLO: rank by goodput of requests whose TTFT is within it")
+    rec.add_argument("--tpot-p99-ms", type=float, help="SLO: … and whose TPOT is within it")
+    rec.add_argument("--profile", type=Path, help="hardware profile for the predictions (infscale calibrate)")
+    rec.add_argument("--measured", type=Path, help="a merged cells.parquet: its measured cells replace predictions")
+    rec.add_argument("--json", action="store_true")
+
     bench = commands.add_parser("bench", help="run one bench job of a campaign (skips cells already measured)")
     _campaign_args(bench)
     bench.add_argument("--job", required=True)
@@ -403,6 +418,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import polars as pl
+
+    from infscale.analysis.recommend import budget_campaign, recommend, why
+
+    if args.gpus < 1:
+        print(f"--gpus: {args.gpus} is not a GPU count (1 or more)", file=sys.stderr)
+        return 2
+    requests = args.requests if args.requests == "auto" else int(args.requests)
+    campaign = budget_campaign(args.model, args.gpus, args.hardware, args.isl, args.osl, requests, args.precision,
+                               args.max_num_seqs)
+    if args.profile:
+        from infscale.calibration import ProfileError, load_profile, with_hardware
+
+        try:
+            campaign = with_hardware(campaign, load_profile(args.profile).apply(campaign.hardware))
+        except ProfileError as err:
+            raise SpecError([f"infscale recommend: --profile: {err}"]) from None
+    measured = pl.read_parquet(args.measured) if args.measured else None
+    options = recommend(campaign, args.ttft_p99_ms, args.tpot_p99_ms, measured)
+    reason = why(options, args.osl)
+    if args.json:
+        print(json.dumps({"options": [dataclasses.asdict(o) for o in options], "why": reason}, default=float))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    slo = args.ttft_p99_ms is not None or args.tpot_p99_ms is not None
+    model = next(iter(campaign.models.values())).name
+    table = Table(title=f"{model} on {args.gpus} × {args.hardware}, ISL {args.isl} / OSL {args.osl}"
+                  + (" — ranked by goodput under the SLOs" if slo else " — ranked by output throughput"))
+    columns = ["rank", "layout", "tok/s", "tok/s/GPU", "TTFT p99 ms", "TPOT p99 ms", "seqs/replica", "from"]
+    if slo:
+        columns[2:2] = ["goodput tok/s", "SLO met"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layout", "from") else "right")
+    for rank, o in enumerate(options, 1):
+        if not o.feasible:
+            table.add_row("—", o.layout, *["—"] * (len(columns) - 3), f"infeasible: {o.reason}")
+            continue
+        values = [str(rank), o.layout]
+        if slo:
+            values += [f"{o.goodput_tok_s:,.0f}", f"{o.slo_met_share:.0%}"]
+        values += [f"{o.output_tok_s:,.0f}", f"{o.output_tok_s_per_gpu:,.0f}", f"{o.ttft_ms_p99:,.0f}",
+                   f"{o.tpot_ms_p99:.1f}", str(o.per_replica_sequences), o.source]
+        table.add_row(*values)
+    console = Console(width=200)
+    console.print(table)
+    console.print(f"why: {reason}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from infscale.backends.sim.backend import SimBackend
     from infscale.campaign import campaign_from_dict
@@ -474,7 +543,7 @@ COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
-    "claims": cmd_claims, "engine": cmd_engine,
+    "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend,
 }
 
 if __name__ == "__main__":
