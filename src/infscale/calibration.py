@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
 from infscale.catalog import Efficiency, Hardware
+from infscale.results.io import write_text_atomic
 
 
 class ProfileError(ValueError):
@@ -61,9 +62,8 @@ class HardwareProfile(BaseModel):
         """The catalog hardware with this profile's constants (and their sources) in place."""
         if hardware.name != self.hardware:
             raise ProfileError(f"profile {self.name!r} is for {self.hardware}, not {hardware.name}")
-        efficiency = Efficiency(**{**hardware.efficiency.model_dump(), **self.efficiency})
         sources = {**hardware.sources, **{k: f"profile {self.name}: {v}" for k, v in self.sources.items()}}
-        return hardware.model_copy(update={"efficiency": efficiency, "sources": sources})
+        return with_efficiency(hardware, self.efficiency).model_copy(update={"sources": sources})
 
 
 def load_profile(path: str | Path) -> HardwareProfile:
@@ -81,12 +81,18 @@ def load_profile(path: str | Path) -> HardwareProfile:
 
 
 def write_profile(profile: HardwareProfile, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(profile.model_dump(), sort_keys=False, width=120))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(Path(path), yaml.safe_dump(profile.model_dump(), sort_keys=False, width=120))
+
+
+def with_efficiency(hardware: Hardware, values: dict[str, float]) -> Hardware:
+    """The hardware with some efficiency constants replaced (validated as the catalog's are)."""
+    return hardware.model_copy(update={"efficiency": Efficiency(**{**hardware.efficiency.model_dump(), **values})})
+
+
+def campaign_with_profile(campaign: Campaign, path: str | Path) -> tuple[Campaign, HardwareProfile]:
+    """The campaign predicting with the profile at `path` (ProfileError when it is unusable or for other hardware)."""
+    profile = load_profile(path)
+    return with_hardware(campaign, profile.apply(campaign.hardware)), profile
 
 
 def with_hardware(campaign: Campaign, hardware: Hardware) -> Campaign:
@@ -185,8 +191,7 @@ def fit_engine_constants(campaign: Campaign, planned: list[PlannedCell], merged:
     high = np.array([FITTED[n][1] for n in names])
 
     def hardware_for(x: np.ndarray) -> Hardware:
-        values = {n: float(v) for n, v in zip(names, np.clip(x, low, high))}
-        return hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(update=values)})
+        return with_efficiency(hardware, {n: float(v) for n, v in zip(names, np.clip(x, low, high))})
 
     def loss(x: np.ndarray) -> float:
         predicted = predict_cells(with_hardware(campaign, hardware_for(x)), planned, train)

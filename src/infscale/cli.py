@@ -220,33 +220,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from infscale.analysis.merge import merge_cells, write_merged
+    from infscale.analysis.merge import write_merged
     from infscale.analysis.summary import summary_markdown
+    from infscale.results.io import write_text_atomic
 
     run = _campaign_run(args)
-    summaries = [run.job_summary(job) for job in run.jobs()]
-    frame = merge_cells(run.planned, run.results_dir, run.campaign.hardware.gpus_per_node, summaries)
+    frame = run.merge()
     write_merged(frame, run.merged_file, run.campaign.config_hash)
     text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
                             run.campaign.hardware.gpus_per_node)
-    tmp = run.summary_file.with_name(".summary.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(run.summary_file)
+    write_text_atomic(run.summary_file, text)
     print(f"merged {frame.height} cells into {run.merged_file}")
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+def _read_merged(run):  # -> polars.DataFrame | None
+    """The merged cells the analysis commands start from; None (and why, on stderr) before the first merge."""
     import polars as pl
 
+    if not run.merged_file.exists():
+        print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
+        return None
+    return pl.read_parquet(run.merged_file)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
     from infscale.analysis.fits import fit_campaign
     from infscale.results.io import write_table_atomic
 
     run = _campaign_run(args)
-    if not run.merged_file.exists():
-        print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
+    merged = _read_merged(run)
+    if merged is None:
         return 1
-    fits = fit_campaign(pl.read_parquet(run.merged_file))
+    fits = fit_campaign(merged)
     write_table_atomic(fits.to_arrow(), run.fits_file, {b"infscale.config_hash": run.campaign.config_hash.encode()})
     laws = dict(fits.group_by("law").len().iter_rows()) if fits.height else {}
     print(f"{fits.height} fits ({', '.join(f'{n} {law}' for law, n in sorted(laws.items())) or 'none'}) "
@@ -258,43 +264,38 @@ def cmd_claims(args: argparse.Namespace) -> int:
     import polars as pl
 
     from infscale.analysis.claims import check_claims, claims_markdown
-    from infscale.results.io import write_table_atomic
+    from infscale.results.io import write_table_atomic, write_text_atomic
 
     run = _campaign_run(args)
-    if not run.merged_file.exists():
-        print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
+    merged = _read_merged(run)
+    if merged is None:
         return 1
     fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
     params = {arch.name: float(arch.param_counts().total) for arch in run.campaign.models.values()}
-    verdicts = check_claims(pl.read_parquet(run.merged_file), params, fits)
+    verdicts = check_claims(merged, params, fits)
     table = pl.DataFrame([v.row() for v in verdicts])
     write_table_atomic(table.to_arrow(), run.claims_file,
                        {b"infscale.config_hash": run.campaign.config_hash.encode()})
     text = claims_markdown(verdicts, run.campaign.name)
-    tmp = run.claims_file.with_name(".claims.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(run.claims_file.with_suffix(".md"))
+    write_text_atomic(run.claims_file.with_suffix(".md"), text)
     print(text)
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from infscale.analysis.merge import merge_cells
     from infscale.analysis.validate import validate, validation_markdown
-    from infscale.calibration import ProfileError, load_profile, with_hardware
-    from infscale.results.io import write_table_atomic
+    from infscale.calibration import ProfileError, campaign_with_profile
+    from infscale.results.io import write_table_atomic, write_text_atomic
 
     run = _campaign_run(args)
     campaign, profile = run.campaign, None
     if args.profile:
         try:
-            profile = load_profile(args.profile)
-            campaign = with_hardware(campaign, profile.apply(campaign.hardware))
+            campaign, profile = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
             print(err, file=sys.stderr)
             return 2
-    merged = merge_cells(run.planned, run.results_dir, campaign.hardware.gpus_per_node,
-                         [run.job_summary(job) for job in run.jobs()])
+    merged = run.merge()
     frame = validate(campaign, run.planned, merged, profile.fitted_on if profile else [])
     if frame.is_empty():
         print(f"{run.results_dir}: no measured cell to validate against", file=sys.stderr)
@@ -302,9 +303,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     stem = f"validation.{profile.name}" if profile else "validation"
     write_table_atomic(frame.to_arrow(), run.results_dir / f"{stem}.parquet")
     text = validation_markdown(frame, campaign.name, campaign.hardware.name, profile.name if profile else None)
-    tmp = run.results_dir / f".{stem}.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(run.results_dir / f"{stem}.md")
+    write_text_atomic(run.results_dir / f"{stem}.md", text)
     print(text)
     return 0
 
@@ -316,6 +315,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from_microbenchmarks,
         make_profile,
         read_json,
+        with_efficiency,
         with_hardware,
         write_profile,
     )
@@ -326,7 +326,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), read_json(args.roofline))
         fitted_on: list[str] = []
         if args.fit:
-            from infscale.analysis.merge import merge_cells
             from infscale.pipeline import CampaignRun
 
             train = [m for m in args.train_models.split(",") if m]
@@ -334,12 +333,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 print("--fit needs --train-models (the models to fit on; the others are held out)", file=sys.stderr)
                 return 2
             run = CampaignRun(args.fit, args.results_root, "auto")
-            measured_on = hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(
-                update=efficiency)})
-            merged = merge_cells(run.planned, run.results_dir, hardware.gpus_per_node,
-                                 [run.job_summary(job) for job in run.jobs()])
+            measured_on = with_efficiency(hardware, efficiency)
             fitted, fit_sources, fitted_on, rms = fit_engine_constants(
-                with_hardware(run.campaign, measured_on), run.planned, merged, measured_on, train)
+                with_hardware(run.campaign, measured_on), run.planned, run.merge(), measured_on, train)
             efficiency.update(fitted)
             sources.update(fit_sources)
         profile = make_profile(args.name, hardware, args.engine, efficiency, sources,
@@ -432,10 +428,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     campaign = budget_campaign(args.model, args.gpus, args.hardware, args.isl, args.osl, requests, args.precision,
                                args.max_num_seqs)
     if args.profile:
-        from infscale.calibration import ProfileError, load_profile, with_hardware
+        from infscale.calibration import ProfileError, campaign_with_profile
 
         try:
-            campaign = with_hardware(campaign, load_profile(args.profile).apply(campaign.hardware))
+            campaign, _ = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
             raise SpecError([f"infscale recommend: --profile: {err}"]) from None
     measured = pl.read_parquet(args.measured) if args.measured else None
@@ -508,11 +504,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     campaign = campaign_from_dict(raw, source="infscale predict")
     profile_name = None
     if args.profile:
-        from infscale.calibration import ProfileError, load_profile, with_hardware
+        from infscale.calibration import ProfileError, campaign_with_profile
 
         try:
-            profile = load_profile(args.profile)
-            campaign = with_hardware(campaign, profile.apply(campaign.hardware))
+            campaign, profile = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
             raise SpecError([f"infscale predict: --profile: {err}"]) from None
         profile_name = profile.name

@@ -76,11 +76,17 @@ class CampaignRun:
         path = self.results_dir / "launcher.json"
         text = settings.model_dump_json(indent=1)
         if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".launcher.json.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            from infscale.results.io import write_text_atomic
+
+            write_text_atomic(path, text)
         return path
+
+    def merge(self):  # -> polars.DataFrame
+        """The merged cells (analysis/merge.py), read through the bench jobs' summary files where they exist."""
+        from infscale.analysis.merge import merge_cells
+
+        return merge_cells(self.planned, self.results_dir, self.campaign.hardware.gpus_per_node,
+                           [self.job_summary(job) for job in self.jobs()])
 
     def job_signature(self, job: str) -> str:
         """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""

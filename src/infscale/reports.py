@@ -52,15 +52,10 @@ def print_plan(run: CampaignRun, per_cell: bool = False, console: Console | None
 def print_engines(run: CampaignRun, console: Console) -> None:
     """The TensorRT engines the `engine` flow builds: one per build spec of the feasible cells, about the size of
     the weights of one replica (engines bake the weights in; the pytorch flow builds none)."""
-    from dataclasses import replace
-
-    from infscale.backends.base import BuildSpec
+    from infscale.launch.engines import engine_groups
 
     # one engine serves every workload of its layout: the longest sequence decides its max_seq_len
-    engines: dict[BuildSpec, list] = defaultdict(list)
-    for item in run.planned:
-        if item.feasible:
-            engines[replace(BuildSpec.for_cells([item.cell]), max_seq_len=0)].append(item)
+    engines = engine_groups(run.planned)
     table = Table(title="engines to build (flow 'engine'; the 'pytorch' flow builds none)")
     for column in ("model", "weights", "TP", "PP", "max seq len", "max batch", "max tokens", "cells",
                    "est. size GiB"):

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from infscale.backends.base import BuildSpec
+from infscale.campaign.plan import PlannedCell
 from infscale.launch.settings import LauncherSettings
 from infscale.pipeline import CampaignRun
+from infscale.results.io import write_text_atomic
 from infscale.results.provenance import utc_now
 
 
@@ -37,20 +40,23 @@ def engine_label(build: BuildSpec) -> str:
             f"s{build.max_num_seqs}t{build.max_num_tokens}")
 
 
-def engines(run: CampaignRun) -> dict[str, BuildSpec]:
-    """Every engine of the campaign's feasible cells (one serves all workloads of its layout: see
-    TrtllmBackend._knobs for its max_seq_len)."""
-    found: dict[str, BuildSpec] = {}
-    for item in run.planned:
+def engine_groups(planned: list[PlannedCell]) -> dict[BuildSpec, list[PlannedCell]]:
+    """The feasible cells by the engine they run on. One engine serves every workload of its layout, so the key
+    leaves the sequence length out (max_seq_len 0; TrtllmBackend._knobs sizes it for the longest)."""
+    groups: dict[BuildSpec, list[PlannedCell]] = defaultdict(list)
+    for item in planned:
         if item.feasible:
-            build = replace(BuildSpec.for_cells([item.cell]), max_seq_len=0)
-            found.setdefault(engine_label(build), build)
-    return found
+            groups[replace(BuildSpec.for_cells([item.cell]), max_seq_len=0)].append(item)
+    return dict(groups)
+
+
+def engines(run: CampaignRun) -> dict[str, BuildSpec]:
+    """Every engine of the campaign's feasible cells, by label."""
+    return {engine_label(build): build for build in engine_groups(run.planned)}
 
 
 def engines_of_job(run: CampaignRun, job: str) -> list[str]:
-    return sorted({engine_label(replace(BuildSpec.for_cells([item.cell]), max_seq_len=0))
-                   for item in run.jobs().get(job, [])})
+    return sorted(engine_label(build) for build in engine_groups(run.jobs().get(job, [])))
 
 
 def pointer_file(run: CampaignRun, label: str) -> Path:
@@ -81,11 +87,7 @@ class EngineJob:
         pointer = {"label": self.label, "engine_dir": str(artefact.path), "engine_key": artefact.info.get("engine_key"),
                    "trtllm_version": artefact.info.get("trtllm_version"), "started_at": started,
                    "ended_at": utc_now(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        path = pointer_file(run, self.label)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(pointer, indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(pointer_file(run, self.label), json.dumps(pointer, indent=1))
         return pointer
 
 

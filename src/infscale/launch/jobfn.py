@@ -9,6 +9,7 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
+from infscale.results.io import write_text_atomic
 from infscale.results.provenance import utc_now
 
 
@@ -95,9 +96,7 @@ def outcome_file(results_dir: Path, slurm_job_id: str | None) -> Path:
 def write_outcome(results_dir: Path, outcome: dict[str, object]) -> None:
     path = outcome_file(results_dir, outcome.get("slurm_job_id"))  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(outcome, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(outcome, indent=1))
 
 
 def read_outcome(results_dir: Path, slurm_job_id: str) -> dict[str, object] | None:

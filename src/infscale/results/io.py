@@ -128,6 +128,21 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a small text file (summary, note, pointer, settings) complete or not at all, replacing an older one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """Schema version, provenance and cell spec of a result file (checks the version)."""
     raw = pq.read_schema(path).metadata or {}

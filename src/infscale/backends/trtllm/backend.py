@@ -88,7 +88,7 @@ class TrtllmBackend:
         if self.settings.flow == "pytorch":
             return Artefact(build=build, info=info)
         knobs = self._knobs(build, campaign)
-        arch = _arch_named(campaign, build.model)
+        arch = campaign.model_for(build)
         key = EngineKey(
             model=build.model, model_config_hash=self._config_hash(build.model), weight_dtype=build.weight_dtype,
             kv_dtype=build.kv_dtype, quantization=knobs.quantization, tp=build.tp, pp=build.pp,
@@ -235,9 +235,3 @@ def _replica_layout(build: BuildSpec):
 
     return Layout(dp=1, tp=build.tp, pp=build.pp, ep=build.ep)
 
-
-def _arch_named(campaign: Campaign, model: str):
-    for arch in campaign.models.values():
-        if arch.name == model:
-            return arch
-    raise KeyError(f"model {model!r} is not part of campaign {campaign.name!r}")

@@ -10,11 +10,11 @@ exactly `output_tokens` tokens (random or dummy weights produce arbitrary tokens
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from infscale.results.io import write_text_atomic
 from infscale.serving.workload import Requests
 
 
@@ -31,9 +31,4 @@ def dataset_lines(requests: Requests, vocab_size: int, eos_token_id: int | None,
 
 def write_dataset(path: Path, requests: Requests, vocab_size: int, eos_token_id: int | None, seed: int) -> Path:
     """Write atomically (a job on another node may read the same shared path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(dataset_lines(requests, vocab_size, eos_token_id, seed)) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(path), "\n".join(dataset_lines(requests, vocab_size, eos_token_id, seed)) + "\n")
