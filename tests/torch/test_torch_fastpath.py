@@ -356,11 +356,45 @@ def test_fast_path_with_triton_kernels_gives_the_eager_tokens(ta, arch):
 
 
 def test_fast_path_refuses_what_it_cannot_capture(arch):
-    moe = DecoderModel(arch("qwen3_moe"), dtype=torch.float32)
-    assert "MoE" in moe.fast_decode_unsupported()
-    assert TorchExecutor(moe, 16, 4, np.array([4]), np.array([2])).graphs is None  # CPU default: eager
+    odd = DecoderModel(arch(head_dim=12, hidden_size=48), dtype=torch.float32)
+    assert "head_dim 12" in odd.fast_decode_unsupported()
+    assert TorchExecutor(odd, 16, 4, np.array([4]), np.array([2])).graphs is None  # CPU default: eager
     with pytest.raises(ValueError, match="fast decode path"):
-        TorchExecutor(moe, 16, 4, np.array([4]), np.array([2]), fast=True)
+        TorchExecutor(odd, 16, 4, np.array([4]), np.array([2]), fast=True)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_grouped_moe_matches_the_per_expert_loop(arch, dtype, tol):
+    """The sync-free grouped-GEMM experts give the per-expert loop's output, with some experts left empty."""
+    model = DecoderModel(arch("qwen3_moe", num_experts=16, experts_per_token=4), dtype=dtype, seed=3)
+    block = model.layers[0].mlp
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=gen).to(dtype)
+    keys, positions = torch.arange(5), torch.arange(5) + 40
+    weights, experts = block.route(x, keys, positions)
+    assert len(set(experts.reshape(-1).tolist())) < 16  # 20 slots over 16 experts: some get no token
+    assert _rel(block.partial(x, keys, positions), block.experts_loop(x, weights, experts)) < tol
+
+
+def test_moe_routing_counts_only_valid_rows(arch):
+    model = DecoderModel(arch("qwen3_moe"), dtype=torch.float32, seed=3)
+    block = model.layers[0].mlp
+    x = torch.randn(4, 64)
+    block.route(x, torch.arange(4), torch.arange(4), valid=torch.tensor([True, True, False, False]))
+    assert int(block.counts.sum()) == 2 * block.top_k
+
+
+def test_moe_fast_path_gives_the_eager_tokens(arch):
+    """Qwen3-MoE through record-mode graphs: the eager path's greedy tokens (routing keyed by request id)."""
+    model = DecoderModel(arch("qwen3_moe"), dtype=torch.float32, seed=13)
+    assert model.fast_decode_unsupported() is None
+    state, eager, eager_tokens = _serve(model)
+    eager_counts = model.expert_counts()
+    model.reset_expert_counts()
+    _, fast, fast_tokens = _serve(model, fast=True, fast_ops="torch")
+    assert fast.fast_steps > 0 and fast_tokens == eager_tokens
+    # padded graph rows route but are not counted: the same routed slots as the eager run
+    assert all((fast_counts == eager_counts[layer]).all() for layer, fast_counts in model.expert_counts().items())
 
 
 def test_warmup_captures_every_graph_and_leaves_no_trace(llama, eager_tokens):

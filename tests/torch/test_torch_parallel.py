@@ -59,3 +59,23 @@ def test_tp2_and_pp2_generate_the_tp1_tokens(arch):
     moe_single, moe_multi = singles[4], multis[4]
     for layer, counts in moe_single.expert_counts.items():  # the same routing on one rank and on two
         np.testing.assert_array_equal(moe_multi.expert_counts[layer], counts)
+
+
+def test_fast_path_on_tp_pp_and_moe_gives_the_tp1_tokens(arch):
+    """The graphed decode step (record mode, plain-torch ops) on 2 gloo ranks: PP hand-offs and the sampled tokens
+    broadcast inside the step, TP collectives, and the sync-free MoE experts give the single-rank eager tokens."""
+    moe = ExpertPopularity("zipf", 1.2, seed=1)
+    cases = {
+        "llama pp2": (arch(), 1, 2, {}),
+        "qwen3 pp2 poisson": (arch("qwen3"), 1, 2, {"arrival": Arrival(mode="poisson", rate=200.0)}),
+        "qwen3_moe tp2": (arch("qwen3_moe"), 2, 1, {"popularity": moe}),
+        "qwen3_moe pp2": (arch("qwen3_moe"), 1, 2, {"popularity": moe}),
+    }
+    fast = {"fast": True, "fast_ops": "torch", "num_blocks": 64}
+    singles = serve_on_ranks([_spec(a, num_blocks=64, **extra) for a, _, _, extra in cases.values()])
+    multis = serve_on_ranks([_spec(a, tp, pp, **fast, **extra) for a, tp, pp, extra in cases.values()])
+    for name, single, multi in zip(cases, singles, multis):
+        assert (multi.state.generated == OSL).all(), name
+        assert multi.fast_steps > 0 and single.fast_steps == 0, name
+        for request in range(len(ISL)):
+            assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"

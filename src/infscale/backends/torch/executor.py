@@ -258,7 +258,7 @@ class TorchExecutor:
         n = len(requests)
         graphs = self.graphs
         last = np.asarray([self.generated[r][-1] for r in requests], dtype=np.int64)
-        b = graphs.load(last, context, tables)
+        b = graphs.load(last, context, tables, keys=ids)
         history = torch.empty((steps, 2, n), dtype=torch.int64, device=self.device)  # (tokens, finite flags)
         shared: list[float] = []
         done = 0

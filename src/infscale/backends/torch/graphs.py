@@ -58,6 +58,7 @@ class DecodeGraphs:
         bmax = self.sizes[-1]
         device = self.device
         self.ids = torch.zeros(bmax, dtype=torch.int64, device=device)
+        self.keys = torch.zeros(bmax, dtype=torch.int64, device=device)  # request ids (MoE routing hashes them)
         self.lens = torch.ones(bmax, dtype=torch.int64, device=device)
         self.tables = torch.full((bmax, self.max_blocks), self.scratch_block, dtype=torch.int32, device=device)
         self.valid = torch.zeros(bmax, dtype=torch.bool, device=device)
@@ -88,10 +89,12 @@ class DecodeGraphs:
 
     def _step(self, b: int) -> torch.Tensor:
         return self.model.fast_decode(self.ids[:b], self.lens[:b], self.tables[:b], self.valid[:b], self.cache,
-                                      self.ops, self.max_context, self.result[:, :b], **self.step_options)
+                                      self.ops, self.max_context, self.result[:, :b], keys=self.keys[:b],
+                                      **self.step_options)
 
     def _pad_all(self) -> None:
         self.ids.zero_()
+        self.keys.zero_()
         self.lens.fill_(1)
         self.tables.fill_(self.scratch_block)
         self.valid.zero_()
@@ -130,10 +133,11 @@ class DecodeGraphs:
 
     # -------------------------------------------------------------------------------------------- running
 
-    def load(self, tokens: np.ndarray, lens: np.ndarray, tables: list[list[int]]) -> int:
+    def load(self, tokens: np.ndarray, lens: np.ndarray, tables: list[list[int]],
+             keys: np.ndarray | None = None) -> int:
         """Put a span's n requests into the static buffers (rows n … b-1 padded); returns b, the size to replay.
         tokens: each request's last token; lens: its context including that token; tables: its blocks (enough
-        for the whole span)."""
+        for the whole span); keys: the request ids (default 0 … n-1)."""
         n = len(tokens)
         b = self.bucket(n)
         width = max((len(t) for t in tables), default=0)
@@ -154,7 +158,10 @@ class DecodeGraphs:
             table[row, : len(t)] = t
         valid = np.zeros(b, dtype=bool)
         valid[:n] = True
+        key = np.zeros(b, dtype=np.int64)
+        key[:n] = np.arange(n) if keys is None else keys
         self.ids[:b].copy_(torch.from_numpy(ids))
+        self.keys[:b].copy_(torch.from_numpy(key))
         self.lens[:b].copy_(torch.from_numpy(ctx))
         self.tables[:b].copy_(torch.from_numpy(table))
         self.valid[:b].copy_(torch.from_numpy(valid))

@@ -237,7 +237,11 @@ class DenseMLP:
 class MoEBlock:
     """Qwen3-MoE sparse block: router softmax → top-k → renormalise; experts computed grouped by expert.
 
-    Experts are TP-sharded along their FFN width (every rank holds a slice of every expert); EP is for later."""
+    Experts are TP-sharded along their FFN width (every rank holds a slice of every expert); EP is for later.
+    The expert GEMMs run as two grouped GEMMs (`torch._grouped_mm`) over the routed slots sorted by expert, with
+    the group offsets computed on the device: no host synchronisation, so the block runs inside a CUDA graph and
+    reads each routed expert's weights once per step, as a production engine's grouped-GEMM MoE does.
+    `experts_loop` is the per-expert reference it is tested against."""
 
     def __init__(self, arch: ModelArch, layer: int, ctx: ParallelContext, weights: WeightFactory,
                  popularity: ExpertPopularity):
@@ -263,24 +267,43 @@ class MoEBlock:
             self.shares = torch.tensor(target_shares(popularity, e, self.top_k, layer), device=device)
         self.counts = torch.zeros(e, dtype=torch.int64, device=device)  # routed slots per expert (recorded)
 
-    def route(self, x: torch.Tensor, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, experts) [T, k] per token; `valid` False rows (CUDA-graph padding) are not counted."""
         probs = torch.softmax(F.linear(x, self.w_router).float(), dim=-1)
         if self.shares is None:
             weights, experts = torch.topk(probs, self.top_k, dim=-1)
         else:
-            uniforms = token_uniforms(meta.keys, meta.positions, self.popularity.seed, self.layer)
+            uniforms = token_uniforms(keys, positions, self.popularity.seed, self.layer)
             experts = systematic_topk(uniforms, self.shares, self.top_k)
             weights = probs.gather(1, experts)
         weights = weights / weights.sum(dim=-1, keepdim=True)  # norm_topk_prob
-        self.counts += torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        counted = torch.ones_like(experts) if valid is None else valid[:, None].expand_as(experts).long()
+        self.counts.index_add_(0, experts.reshape(-1), counted.reshape(-1))  # bincount would sync with the host
         return weights, experts
 
-    def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        weights, experts = self.route(x, meta)
+    def partial(self, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's share of the block's output (before the TP all-reduce); no host synchronisation."""
+        weights, experts = self.route(x, keys, positions, valid)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k
-        per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()  # host sync (reference path)
+        per_expert = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = torch.cumsum(per_expert, 0, dtype=torch.int32)
+        gathered = x[token]
+        gate, up = torch._grouped_mm(gathered, self.w_gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
+        scaled = out * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, scaled)
+
+    def experts_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The reference: one pair of GEMMs per expert over its tokens (synchronises with the host)."""
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // self.top_k
+        per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
         gathered = x[token]
         out = torch.empty_like(gathered)
         offset = 0
@@ -291,8 +314,10 @@ class MoEBlock:
                 out[rows] = F.linear(F.silu(gate) * up, self.w_down[expert])
                 offset += count
         scaled = out * weights.reshape(-1)[order, None].to(x.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, scaled)
-        return self.ctx.all_reduce(y)
+        return torch.zeros_like(x).index_add_(0, token, scaled)
+
+    def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        return self.ctx.all_reduce(self.partial(x, meta.keys, meta.positions))
 
 
 class DecoderLayer:
@@ -459,11 +484,7 @@ class DecoderModel:
 
     def fast_decode_unsupported(self) -> str | None:
         """Why this model (stage) cannot take the fast decode path, or None when it can. The fast path is one
-        pure-decode step of the whole model on one PP stage, with no host synchronisation (capturable)."""
-        if self.ctx.pp != 1:
-            return "pipeline parallelism (the stages hand off through point-to-point sends)"
-        if self.moe_blocks():
-            return "MoE layers (the grouped expert loop synchronises with the host)"
+        pure-decode step of this PP stage, hand-offs included, with no host synchronisation (capturable)."""
         d = self.arch.head_dim
         if d < 16 or d & (d - 1):
             return f"head_dim {d} (the kernels need a power of two >= 16)"
@@ -473,12 +494,14 @@ class DecoderModel:
         """The fast path's projections for kernel tuning: site -> (its weight in every layer, dual (the SwiGLU
         gate/up pair), partial_ok (its consumer sums split-K partials: o and down at TP1))."""
         partial_ok = self.ctx.tp == 1
+        dense = [layer.mlp for layer in self.layers if isinstance(layer.mlp, DenseMLP)]  # MoE: grouped GEMMs
         sites = {
             "qkv": ([layer.attn.w_qkv for layer in self.layers], False, False),
             "o": ([layer.attn.w_o for layer in self.layers], False, partial_ok),
-            "gate_up": ([layer.mlp.w_gate_up for layer in self.layers], True, False),
-            "down": ([layer.mlp.w_down for layer in self.layers], False, partial_ok),
         }
+        if dense:
+            sites["gate_up"] = ([mlp.w_gate_up for mlp in dense], True, False)
+            sites["down"] = ([mlp.w_down for mlp in dense], False, partial_ok)
         if self.lm_head is not None:
             sites["lm_head"] = ([self.lm_head], False, False)
         return sites
@@ -494,21 +517,27 @@ class DecoderModel:
 
     def fast_decode(self, ids: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor,
                     cache: PagedKVCache, ops, max_context: int, result: torch.Tensor,
-                    layer_collectives: bool = True) -> torch.Tensor:
+                    keys: torch.Tensor | None = None, layer_collectives: bool = True) -> torch.Tensor:
         """One decode step of B requests without host synchronisation (what a CUDA graph captures).
 
         ids [B] the last token of each request; lens [B] its context including that token; tables [B, M] its
         blocks (padded rows of the batch point at a scratch block, with lens 1 and valid False); `ops` supplies
         the fused operations (TritonOps, or TorchFastOps: the same step in plain torch). `max_context` bounds
         lens (it fixes the attention's partitions). In place: result[0] = the greedy tokens, result[1] = 1 where
-        the row's logits are all finite (or the row is padding), ids = the tokens, lens += valid. Returns the
-        logits [B, vocab] in the model dtype. `layer_collectives=False` leaves out the per-layer TP all-reduces
+        the row's logits are all finite (or the row is padding), ids = the tokens, lens += valid, on every
+        stage. Returns the logits [B, vocab] in the model dtype (an earlier PP stage: its output hidden states). `layer_collectives=False` leaves out the per-layer TP all-reduces
         (wrong results: only to time their share of the step)."""
         ctx = self.ctx
         cos, sin = self.rope_tables(max_context)
         partial_ok = ctx.tp == 1
         reduce = ctx.all_reduce if layer_collectives else (lambda t: t)
-        hidden = self.embed_tokens(ids)
+        if ctx.is_first_stage:
+            hidden = self.embed_tokens(ids)
+        else:
+            hidden = ctx.take_from_prev(torch.empty((ids.shape[0], self.arch.hidden_size), dtype=self.dtype,
+                                                    device=ids.device))
+        positions = lens - 1
+        keys = torch.zeros_like(ids) if keys is None else keys
         delta = None
         for local, layer in enumerate(self.layers):
             attn, mlp = layer.attn, layer.mlp
@@ -519,10 +548,23 @@ class DecoderModel:
             out = ops.attention(q, cache.k[local], cache.v[local], tables, lens, max_context)
             delta = reduce(ops.linear(out.reshape(out.shape[0], -1), attn.w_o, "o", partial_ok))
             x = ops.add_rmsnorm(hidden, delta, layer.post_norm, self.eps)
-            delta = reduce(ops.linear(ops.gate_up(x, mlp.w_gate_up), mlp.w_down, "down", partial_ok))
+            if isinstance(mlp, MoEBlock):
+                delta = reduce(mlp.partial(x, keys, positions, valid))
+            else:
+                delta = reduce(ops.linear(ops.gate_up(x, mlp.w_gate_up), mlp.w_down, "down", partial_ok))
+        if not ctx.is_last_stage:
+            ctx.hand_to_next(_residual_add(hidden, delta))
+            # the last stage samples; every stage then advances its own copies of the tokens and lengths
+            tokens = ctx.broadcast_from_last_stage(result.contiguous())
+            result.copy_(tokens)
+            ids.copy_(tokens[0])
+            lens.add_(valid.to(lens.dtype))
+            return hidden
         x = ops.add_rmsnorm(hidden, delta, self.final_norm, self.eps)
         logits = ctx.all_gather_last_dim(ops.linear(x, self.lm_head, "lm_head"))[:, : self.arch.vocab_size]
         ops.finish(logits, valid, result, ids, lens)
+        if ctx.pp > 1:
+            ctx.broadcast_from_last_stage(result.contiguous())
         return logits
 
     @torch.inference_mode()
@@ -545,6 +587,13 @@ class DecoderModel:
 # ------------------------------------------------------------------------------------------------ fast-path ops
 
 
+def _residual_add(residual: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """residual += delta as `add_rmsnorm` applies it (delta may be fp32 split-K partials [S, T, H])."""
+    if delta is not None:
+        residual.add_(delta.sum(0).to(residual.dtype) if delta.dim() == 3 else delta)
+    return residual
+
+
 class TorchFastOps:
     """The fast decode path's fused operations in plain torch: the reference `TritonOps` is tested against, and
     the path's implementation where triton is absent (CPU; CUDA graphs of plain torch ops on a GPU). Same
@@ -562,11 +611,7 @@ class TorchFastOps:
 
     def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> torch.Tensor:
-        if delta is not None:
-            if delta.dim() == 3:  # fp32 split-K partials
-                delta = delta.sum(0).to(residual.dtype)
-            residual.add_(delta)
-        return rms_norm(residual, weight, eps)
+        return rms_norm(_residual_add(residual, delta), weight, eps)
 
     def rope_kv(self, qkv: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int,

@@ -26,6 +26,11 @@ class ParallelContext:
     base_rank: int = 0                                 # global rank of (stage 0, tp 0) of this replica
     tp_group: dist.ProcessGroup | None = None          # this rank's TP group (None when tp == 1)
     model_group: dist.ProcessGroup | None = None       # every rank of this replica (None when tp * pp == 1)
+    # PP hand-off: the 2-rank groups {this rank, the same TP rank of the previous / next stage}. A broadcast in
+    # such a group moves the hidden states like a send/recv, and is a collective a CUDA graph captures like the
+    # TP all-reduce (the fast decode path runs the whole stage, hand-offs included, as one graph).
+    prev_group: dist.ProcessGroup | None = None
+    next_group: dist.ProcessGroup | None = None
 
     @classmethod
     def single(cls) -> ParallelContext:
@@ -49,11 +54,20 @@ class ParallelContext:
             if rank in ranks:
                 tp_group = group
         model_group = dist.new_group(list(range(base_rank, base_rank + size)))
+        prev_group = next_group = None
+        for stage in range(pp - 1):
+            for t in range(tp):
+                pair = [base_rank + stage * tp + t, base_rank + (stage + 1) * tp + t]
+                group = dist.new_group(pair)
+                if rank == pair[0]:
+                    next_group = group
+                elif rank == pair[1]:
+                    prev_group = group
         local = rank - base_rank
         if not 0 <= local < size:
             return None
         return cls(tp=tp, pp=pp, tp_rank=local % tp, pp_rank=local // tp, base_rank=base_rank,
-                   tp_group=tp_group, model_group=model_group)
+                   tp_group=tp_group, model_group=model_group, prev_group=prev_group, next_group=next_group)
 
     # ---------------------------------------------------------------------------------------- geometry
 
@@ -112,6 +126,15 @@ class ParallelContext:
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         tensor = torch.empty(shape, dtype=dtype, device=device)
         dist.recv(tensor, src=self.global_rank(self.pp_rank - 1, self.tp_rank))
+        return tensor
+
+    def hand_to_next(self, tensor: torch.Tensor) -> None:
+        """send_next as a collective of the 2-rank hand-off group (capturable in a CUDA graph)."""
+        dist.broadcast(tensor, src=self.rank, group=self.next_group)
+
+    def take_from_prev(self, tensor: torch.Tensor) -> torch.Tensor:
+        """recv_prev into `tensor` (contiguous) as a collective of the 2-rank hand-off group."""
+        dist.broadcast(tensor, src=self.global_rank(self.pp_rank - 1, self.tp_rank), group=self.prev_group)
         return tensor
 
     def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,8 @@ class ServeSpec:
     popularity: ExpertPopularity = field(default_factory=ExpertPopularity)
     arrival: Arrival = field(default_factory=Arrival)
     warmup: bool = False
+    fast: bool | None = None            # the executor's CUDA-graph path (None: on for CUDA where supported)
+    fast_ops: str | None = None         # "torch" or "triton" (None: triton where available)
 
 
 @dataclass
@@ -119,6 +121,7 @@ class ServeResult:
     expert_counts: dict[int, np.ndarray]   # MoE layers of this rank's stage
     expert_targets: dict[int, np.ndarray]
     decode_steps: int
+    fast_steps: int                      # decode steps run as (captured or recorded) graphs
     iterations: int
 
 
@@ -127,7 +130,7 @@ def serve_replica(spec: ServeSpec, ctx: ParallelContext, device: torch.device) -
     model = DecoderModel(spec.arch, ctx, DTYPES[spec.dtype], device, spec.seed, spec.num_layers, spec.popularity)
     requests = spec.requests
     executor = TorchExecutor(model, spec.config.num_blocks, spec.config.block_size, requests.isl, requests.osl,
-                             spec.seed)
+                             spec.seed, fast=spec.fast, fast_ops=spec.fast_ops)
     if spec.warmup:
         executor.warmup()
     state, _ = serve(requests, 1, spec.config, spec.arrival, "round_robin", lambda _: executor)
@@ -138,6 +141,7 @@ def serve_replica(spec: ServeSpec, ctx: ParallelContext, device: torch.device) -
         expert_counts=model.expert_counts(),
         expert_targets=model.expert_targets(),
         decode_steps=executor.decode_iterations,
+        fast_steps=executor.fast_steps,
         iterations=executor.iterations,
     )
 
