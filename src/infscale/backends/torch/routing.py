@@ -83,7 +83,9 @@ def systematic_topk(uniforms: torch.Tensor, shares: torch.Tensor, top_k: int) ->
     """k distinct experts per token [T, k]: expert e covers an interval of length k·share_e on [0, k); the
     points u, u+1, …, u+k-1 each fall in one interval, and no interval is longer than 1."""
     edges = torch.cumsum(shares.double() * top_k, 0)
-    edges[-1] = float(top_k)  # rounding must not leave u + k - 1 past the end
+    # rounding must not leave u + k - 1 past the end; a device-side fill, not a host scalar copied in (which a
+    # CUDA graph capture refuses)
+    edges = torch.cat([edges[:-1], edges.new_full((1,), float(top_k))])
     points = uniforms[:, None] + torch.arange(top_k, device=uniforms.device, dtype=torch.float64)[None, :]
     picked = torch.searchsorted(edges, points.contiguous(), right=True)
     return picked.clamp_(max=len(shares) - 1)
