@@ -107,11 +107,14 @@ def token_checks() -> list[dict[str, object]]:
     config = ReplicaConfig(num_blocks=256, block_size=16, max_num_seqs=6, max_num_tokens=256)
     cases = [("llama pp2", _tiny("llama"), 1, 2), ("llama tp2pp2", _tiny("llama"), 2, 2),
              ("qwen3_moe pp2", _tiny("qwen3_moe"), 1, 2), ("qwen3_moe tp2", _tiny("qwen3_moe"), 2, 1)]
+    print(f"token checks: {len(cases)} single-GPU eager references", flush=True)
     reference = {name: serve_replica(ServeSpec(arch, requests, config, dtype="float32", seed=3, fast=False),
                                      ParallelContext.single(), torch.device("cuda"))
                  for name, arch, _, _ in cases}
     rows = []
     for ops in ("torch", "triton"):
+        print(f"token checks: the graphed path with {ops} ops on {max(tp * pp for _, _, tp, pp in cases)} ranks",
+              flush=True)
         specs = [ServeSpec(arch, requests, config, tp=tp, pp=pp, dtype="float32", seed=3, fast=True, fast_ops=ops) for _, arch, tp, pp in cases]
         for (name, _, tp, pp), result in zip(cases, serve_on_ranks(specs)):
             ref = reference[name]
