@@ -220,16 +220,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from infscale.analysis.merge import write_merged
-    from infscale.analysis.summary import summary_markdown
-    from infscale.results.io import write_text_atomic
+    from infscale.pipeline import write_merge
 
     run = _campaign_run(args)
-    frame = run.merge()
-    write_merged(frame, run.merged_file, run.campaign.config_hash)
-    text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
-                            run.campaign.hardware.gpus_per_node)
-    write_text_atomic(run.summary_file, text)
+    frame = write_merge(run)
     print(f"merged {frame.height} cells into {run.merged_file}")
     return 0
 
@@ -245,15 +239,13 @@ def _read_merged(run):  # -> polars.DataFrame | None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from infscale.analysis.fits import fit_campaign
-    from infscale.results.io import write_table_atomic
+    from infscale.pipeline import write_fits
 
     run = _campaign_run(args)
     merged = _read_merged(run)
     if merged is None:
         return 1
-    fits = fit_campaign(merged)
-    write_table_atomic(fits.to_arrow(), run.fits_file, {b"infscale.config_hash": run.campaign.config_hash.encode()})
+    fits = write_fits(run, merged)
     laws = dict(fits.group_by("law").len().iter_rows()) if fits.height else {}
     print(f"{fits.height} fits ({', '.join(f'{n} {law}' for law, n in sorted(laws.items())) or 'none'}) "
           f"written to {run.fits_file}")
@@ -261,24 +253,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    import polars as pl
-
-    from infscale.analysis.claims import check_claims, claims_markdown
-    from infscale.results.io import write_table_atomic, write_text_atomic
+    from infscale.pipeline import write_claims
 
     run = _campaign_run(args)
     merged = _read_merged(run)
     if merged is None:
         return 1
-    fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
-    params = {arch.name: float(arch.param_counts().total) for arch in run.campaign.models.values()}
-    verdicts = check_claims(merged, params, fits)
-    table = pl.DataFrame([v.row() for v in verdicts])
-    write_table_atomic(table.to_arrow(), run.claims_file,
-                       {b"infscale.config_hash": run.campaign.config_hash.encode()})
-    text = claims_markdown(verdicts, run.campaign.name)
-    write_text_atomic(run.claims_file.with_suffix(".md"), text)
-    print(text)
+    print(write_claims(run, merged))
     return 0
 
 
