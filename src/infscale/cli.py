@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "cells, fits, claims, figures, report, lock file, profiles, manifest")
     _campaign_args(ae_bundle)
     ae_bundle.add_argument("--out", type=Path, default=Path("artifacts"), help="where the bundle goes")
-    ae_bundle.add_argument("--profiles", type=Path, default=Path("results/reference/profiles"),
-                           help="hardware profiles to include (those named after the campaign's GPU)")
+    ae_bundle.add_argument("--profiles", type=Path, help="directory of hardware profiles to include (those named "
+                           "after the campaign's GPU); default: the checkout's results/reference/profiles")
     ae_bundle.add_argument("--container-digest", help="digest of the container image the campaign ran in")
     ae_bundle.add_argument("--tol", action="append", default=[], metavar="METRIC=REL",
                            help="tolerance band stated in the bundle, e.g. output_tok_s=0.05 (repeatable; "

@@ -151,7 +151,8 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
         if container_digest:
             (env / "container.txt").write_text(container_digest.strip() + "\n")
 
-        profiles = _profiles(profiles_dir, run.campaign.hardware.name)
+        profiles = _profiles(profiles_dir or repo_root / "results" / "reference" / "profiles",
+                             run.campaign.hardware.name)
         for src in profiles:
             (staging / "profiles").mkdir(exist_ok=True)
             shutil.copy2(src, staging / "profiles" / src.name)
