@@ -92,6 +92,13 @@ def test_an_existing_bundle_is_never_overwritten(gpu_bundle: Path) -> None:
         make_bundle(GPU_NODE, REFERENCE, gpu_bundle.parent)
 
 
+def test_bundle_never_writes_inside_the_results(tmp_path: Path) -> None:
+    shutil.copytree(REFERENCE / "gpu-node", tmp_path / "results" / "gpu-node")
+    with pytest.raises(BundleError, match="inside the results directory"):
+        make_bundle(GPU_NODE, tmp_path / "results", tmp_path / "results" / "gpu-node" / "ae")
+    assert not (tmp_path / "results" / "gpu-node" / "ae").exists()
+
+
 def test_bundle_needs_the_analysis_first(tmp_path: Path) -> None:
     shutil.copytree(REFERENCE / "gpu-node" / "cells", tmp_path / "results" / "gpu-node" / "cells")
     with pytest.raises(BundleError, match="cells.parquet, fits.parquet, claims.parquet missing"):

@@ -111,6 +111,8 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
     if missing:
         raise BundleError(f"{run.results_dir}: {', '.join(missing)} missing; run the campaign's analysis first "
                           f"(infscale merge, fit, claims {campaign_file} --results-root {results_root})")
+    if Path(out).resolve().is_relative_to(run.results_dir.resolve()):
+        raise BundleError(f"--out {out}: inside the results directory {run.results_dir}; choose a folder outside it")
     directory = Path(out) / bundle_name(name)
     tarball = Path(out) / f"{bundle_name(name)}.tar.gz"
     for path in (directory, tarball):
