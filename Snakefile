@@ -1,5 +1,5 @@
 # infscale campaign DAG: plan -> [engine: trtllm engine flow] -> bench (one job per layout group, or per model
-# locally) -> merge + summary -> fit -> claims.
+# locally) -> merge + summary -> fit -> claims; `ae_bundle` (not in `all`) packs it for artifact evaluation.
 # Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
 # All logic lives in src/infscale; the rules only call the `infscale` command line.
 
@@ -25,6 +25,7 @@ ENGINE_FLOW = CAMPAIGN.campaign.spec.backend == "trtllm" and engine_flow(config.
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/analyze.smk"
+include: "workflow/rules/ae.smk"
 
 
 rule all:

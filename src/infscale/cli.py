@@ -112,6 +112,44 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary", help="print the campaign summary")
     _campaign_args(summary)
 
+    ae = commands.add_parser("ae", help="artifact evaluation: bundle a campaign, verify or regenerate a bundle, "
+                             "derive a reduced-scale profile, compare a rerun with a reference")
+    ae_commands = ae.add_subparsers(dest="ae_command", required=True)
+    ae_bundle = ae_commands.add_parser("bundle", help="write <out>/<campaign>-ae/ and its .tar.gz: config, plan, "
+                                       "cells, fits, claims, figures, report, lock file, profiles, manifest")
+    _campaign_args(ae_bundle)
+    ae_bundle.add_argument("--out", type=Path, default=Path("artifacts"), help="where the bundle goes")
+    ae_bundle.add_argument("--profiles", type=Path, help="directory of hardware profiles to include (those named "
+                           "after the campaign's GPU); default: the checkout's results/reference/profiles")
+    ae_bundle.add_argument("--container-digest", help="digest of the container image the campaign ran in")
+    ae_bundle.add_argument("--tol", action="append", default=[], metavar="METRIC=REL",
+                           help="tolerance band stated in the bundle, e.g. output_tok_s=0.05 (repeatable; "
+                           "default: infscale.ae.compare.DEFAULT_TOLERANCES)")
+    ae_verify = ae_commands.add_parser("verify", help="check every file of a bundle against its manifest")
+    ae_verify.add_argument("bundle", type=Path)
+    ae_regen = ae_commands.add_parser("regenerate", help="rebuild fits, claims (figures, report) from a bundle's "
+                                      "cells, no GPU; check the tables are identical")
+    ae_regen.add_argument("bundle", type=Path)
+    ae_regen.add_argument("--out", type=Path, help="default: BUNDLE/regenerated")
+    ae_reduce = ae_commands.add_parser("reduce", help="derive a reduced-scale campaign (CPU with the sim backend, "
+                                       "or one GPU) and print its expected wall time")
+    ae_reduce.add_argument("config", type=Path)
+    ae_reduce.add_argument("--target", choices=("cpu", "1gpu"), default="cpu")
+    ae_reduce.add_argument("--osl-max", type=int, default=1024, help="1gpu: longest OSL kept")
+    ae_reduce.add_argument("--max-requests", type=int, default=16, help="1gpu: requests per cell at most")
+    ae_reduce.add_argument("--out", type=Path, help="campaign file to write (default: print it)")
+    ae_compare = ae_commands.add_parser("compare", help="match cells by spec; per metric, which are within the "
+                                        "tolerance band; whether each claim's verdict is the same")
+    ae_compare.add_argument("reference", type=Path, help="a bundle, or a results directory with cells.parquet")
+    ae_compare.add_argument("new", type=Path, help="a bundle, or a results directory with cells.parquet")
+    ae_compare.add_argument("--tol", action="append", default=[], metavar="METRIC=REL",
+                            help="relative tolerance of a metric (repeatable), on top of the reference bundle's "
+                            "band (tolerances.json) or the default band; a metric not in the band is added")
+    ae_compare.add_argument("--match", choices=("spec", "shape"), default="spec",
+                            help="spec: the cell's spec hash; shape: model × precision × layout × workload × "
+                            "ISL × OSL × arrival (a rerun on other hardware or another backend)")
+    ae_compare.add_argument("--json", action="store_true", help="print one JSON object")
+
     run = commands.add_parser("run", help="drive the whole campaign through Snakemake and print the summary; "
                               "refuses while another live driver holds the campaign, takes over from a dead one")
     run.add_argument("config", type=Path)
@@ -220,16 +258,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from infscale.analysis.merge import write_merged
-    from infscale.analysis.summary import summary_markdown
-    from infscale.results.io import write_text_atomic
+    from infscale.pipeline import write_merge
 
     run = _campaign_run(args)
-    frame = run.merge()
-    write_merged(frame, run.merged_file, run.campaign.config_hash)
-    text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
-                            run.campaign.hardware.gpus_per_node)
-    write_text_atomic(run.summary_file, text)
+    frame = write_merge(run)
     print(f"merged {frame.height} cells into {run.merged_file}")
     return 0
 
@@ -245,15 +277,13 @@ def _read_merged(run):  # -> polars.DataFrame | None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from infscale.analysis.fits import fit_campaign
-    from infscale.results.io import write_table_atomic
+    from infscale.pipeline import write_fits
 
     run = _campaign_run(args)
     merged = _read_merged(run)
     if merged is None:
         return 1
-    fits = fit_campaign(merged)
-    write_table_atomic(fits.to_arrow(), run.fits_file, {b"infscale.config_hash": run.campaign.config_hash.encode()})
+    fits = write_fits(run, merged)
     laws = dict(fits.group_by("law").len().iter_rows()) if fits.height else {}
     print(f"{fits.height} fits ({', '.join(f'{n} {law}' for law, n in sorted(laws.items())) or 'none'}) "
           f"written to {run.fits_file}")
@@ -261,24 +291,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    import polars as pl
-
-    from infscale.analysis.claims import check_claims, claims_markdown
-    from infscale.results.io import write_table_atomic, write_text_atomic
+    from infscale.pipeline import write_claims
 
     run = _campaign_run(args)
     merged = _read_merged(run)
     if merged is None:
         return 1
-    fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
-    params = {arch.name: float(arch.param_counts().total) for arch in run.campaign.models.values()}
-    verdicts = check_claims(merged, params, fits)
-    table = pl.DataFrame([v.row() for v in verdicts])
-    write_table_atomic(table.to_arrow(), run.claims_file,
-                       {b"infscale.config_hash": run.campaign.config_hash.encode()})
-    text = claims_markdown(verdicts, run.campaign.name)
-    write_text_atomic(run.claims_file.with_suffix(".md"), text)
-    print(text)
+    print(write_claims(run, merged))
     return 0
 
 
@@ -414,6 +433,96 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_ae(args: argparse.Namespace) -> int:
+    """The `infscale ae` subcommands; a bad bundle or input is one line on stderr and exit 2."""
+    from infscale.ae.compare import CompareError
+    from infscale.ae.manifest import BundleError
+
+    try:
+        return AE_COMMANDS[args.ae_command](args)
+    except (BundleError, CompareError) as err:
+        print(err, file=sys.stderr)
+        return 2
+
+
+def cmd_ae_bundle(args: argparse.Namespace) -> int:
+    from infscale.ae.bundle import make_bundle
+    from infscale.ae.compare import DEFAULT_TOLERANCES, parse_tolerance_overrides
+
+    tolerances = {**DEFAULT_TOLERANCES, **parse_tolerance_overrides(args.tol)}
+    bundle = make_bundle(args.config, args.results_root, args.out, packing=args.packing,
+                         profiles_dir=args.profiles, container_digest=args.container_digest, tolerances=tolerances)
+    print(f"{bundle.directory}: {bundle.files} files, {bundle.bytes / 2**20:.1f} MiB (manifest.json, ARTIFACT.md)")
+    print(f"{bundle.tarball}: {bundle.tarball.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_ae_verify(args: argparse.Namespace) -> int:
+    from infscale.ae.manifest import verify_bundle
+
+    result = verify_bundle(args.bundle)
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+def cmd_ae_regenerate(args: argparse.Namespace) -> int:
+    from infscale.ae.regenerate import regenerate
+
+    result = regenerate(args.bundle, args.out)
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+def cmd_ae_reduce(args: argparse.Namespace) -> int:
+    from infscale.ae.reduce import format_duration, reduce_campaign
+
+    try:
+        reduced = reduce_campaign(args.config, args.target, args.osl_max, args.max_requests)
+    except SpecError:
+        raise
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    # the expected wall time first, before the campaign file
+    print(f"{reduced.raw['name']}: {reduced.cells} cells, expected wall time about "
+          f"{format_duration(reduced.expected_s)} "
+          f"({'CPU only, sim backend' if args.target == 'cpu' else 'one GPU, torch backend'})", file=sys.stderr)
+    for note in reduced.notes:
+        print(f"  {note}", file=sys.stderr)
+    text = reduced.yaml_text(str(args.config))
+    if args.out is None:
+        print(text)
+        return 0
+    if args.out.exists():
+        print(f"--out {args.out}: exists; not overwritten", file=sys.stderr)
+        return 2
+    from infscale.results.io import write_text_atomic
+
+    write_text_atomic(args.out, text)
+    print(f"wrote {args.out}; run it with: snakemake --profile profiles/local --config campaign={args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_ae_compare(args: argparse.Namespace) -> int:
+    from infscale.ae.compare import DEFAULT_TOLERANCES, compare, load_side, parse_tolerance_overrides
+
+    reference, new = load_side(args.reference), load_side(args.new)
+    band = None
+    if args.tol:  # on top of the reference bundle's stated band, else the default one
+        band = {**(reference.tolerances or DEFAULT_TOLERANCES), **parse_tolerance_overrides(args.tol)}
+    result = compare(reference, new, band, args.match)
+    if args.json:
+        print(json.dumps(result.to_dict(), default=float))
+    else:
+        print("\n".join(result.lines()))
+    return 0 if result.ok else 1
+
+
+AE_COMMANDS = {"bundle": cmd_ae_bundle, "verify": cmd_ae_verify, "regenerate": cmd_ae_regenerate,
+               "reduce": cmd_ae_reduce, "compare": cmd_ae_compare}
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -538,7 +647,7 @@ COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
-    "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend,
+    "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend, "ae": cmd_ae,
 }
 
 if __name__ == "__main__":

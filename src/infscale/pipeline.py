@@ -92,3 +92,51 @@ class CampaignRun:
         """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""
         ids = sorted(item.cell.id for item in self.jobs().get(job, []))
         return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- the analysis steps
+# One function per derived file, shared by the command line (`infscale merge / fit / claims`) and
+# `infscale ae regenerate`, so a regenerated table comes from exactly the code that wrote the original.
+
+
+def write_merge(run: CampaignRun):  # -> polars.DataFrame
+    """Merge the cell files into `cells.parquet` and write `summary.md`; returns the merged cells."""
+    from infscale.analysis.merge import write_merged
+    from infscale.analysis.summary import summary_markdown
+    from infscale.results.io import write_text_atomic
+
+    frame = run.merge()
+    write_merged(frame, run.merged_file, run.campaign.config_hash)
+    text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
+                            run.campaign.hardware.gpus_per_node)
+    write_text_atomic(run.summary_file, text)
+    return frame
+
+
+def write_fits(run: CampaignRun, merged):  # -> polars.DataFrame
+    """Fit the scaling laws to the merged cells and write `fits.parquet`; returns the fits."""
+    from infscale.analysis.fits import fit_campaign
+    from infscale.results.io import write_table_atomic
+
+    fits = fit_campaign(merged)
+    write_table_atomic(fits.to_arrow(), run.fits_file, {b"infscale.config_hash": run.campaign.config_hash.encode()})
+    return fits
+
+
+def write_claims(run: CampaignRun, merged) -> str:
+    """Check the claims on the merged cells (with `fits.parquet` when there is one); write `claims.parquet` and
+    `claims.md`; returns the markdown."""
+    import polars as pl
+
+    from infscale.analysis.claims import check_claims, claims_markdown
+    from infscale.results.io import write_table_atomic, write_text_atomic
+
+    fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
+    params = {arch.name: float(arch.param_counts().total) for arch in run.campaign.models.values()}
+    verdicts = check_claims(merged, params, fits)
+    table = pl.DataFrame([v.row() for v in verdicts])
+    write_table_atomic(table.to_arrow(), run.claims_file,
+                       {b"infscale.config_hash": run.campaign.config_hash.encode()})
+    text = claims_markdown(verdicts, run.campaign.name)
+    write_text_atomic(run.claims_file.with_suffix(".md"), text)
+    return text

@@ -142,7 +142,7 @@ def c4(merged: pl.DataFrame, ctx: dict) -> Verdict:
         return Verdict("C4", title, UNTESTABLE, "needs GPU telemetry (measured cells) at two or more OSLs; the sim "
                        "predicts no utilisation")
     trends = []
-    for (_, _), cells in rows.group_by(("model", "layout")):
+    for (_, _), cells in rows.group_by(("model", "layout"), maintain_order=True):  # plan order: reproducible
         cells = cells.sort("osl_max")
         if cells.height >= 2:
             trends.append(float(cells.get_column("gpu_sm_util_mean")[-1] - cells.get_column("gpu_sm_util_mean")[0]))
@@ -164,7 +164,7 @@ def c5(merged: pl.DataFrame, ctx: dict) -> Verdict:
         gpus = int(rows.get_column("gpus").max())
         at_n = rows.filter(pl.col("gpus") == gpus)
         best = at_n.group_by(["isl_max", "osl_max"]).agg(pl.col("output_tok_s").arg_max().alias("i"),
-                                                          pl.col("tp").alias("tps"))
+                                                          pl.col("tp").alias("tps")).sort(["isl_max", "osl_max"])
         tp_of_best = [row["tps"][row["i"]] for row in best.iter_rows(named=True)]
         return Verdict("C5", title, PASS if all(t >= 2 for t in tp_of_best) else FAIL,
                        f"{model} at {gpus} GPUs, OSL ≥ 4K: TP of the best layout {tp_of_best}",

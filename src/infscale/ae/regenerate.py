@@ -1,0 +1,157 @@
+"""`infscale ae regenerate BUNDLE`: rebuild the derived files from the bundle alone (no GPU), then diff them.
+
+The bundled cell files are the input. The steps are the workflow's own (`pipeline.write_merge`, `write_fits`,
+`write_claims`: what `infscale merge`, `fit` and `claims` run), in the order of `STEPS`, writing into
+`<bundle>/regenerated/` (or `--out`), never over the bundled originals. The regenerated tables must equal the
+bundled ones exactly; figures must be identical or within the pixel tolerance of `ae.images`.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from infscale.ae.manifest import REGENERATED_DIR as REGENERATED
+from infscale.ae.manifest import BundleError, read_manifest
+
+MARKER = ".infscale-regenerated"      # marks an --out directory as ours, so a second run may replace it
+TABLES = ("cells.parquet", "fits.parquet", "claims.parquet")     # exact equality
+TEXTS = ("summary.md", "claims.md")                              # byte equality
+INPUTS = ("cells", "failures")                                   # what the steps read: the measured files
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.name}: {self.detail}"
+
+
+@dataclass
+class Regeneration:
+    out: Path
+    steps: list[tuple[str, float]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def lines(self) -> list[str]:
+        out = [f"regenerated into {self.out}: " + ", ".join(f"{n} {s:.1f} s" for n, s in self.steps)]
+        out += [c.line() for c in self.checks]
+        same = sum(c.ok for c in self.checks)
+        out.append(f"{'OK' if self.ok else 'DIFFERENT'}: {same} of {len(self.checks)} files reproduced")
+        return out
+
+
+def _step_merge(run) -> None:
+    from infscale.pipeline import write_merge
+
+    write_merge(run)
+
+
+def _step_fits(run) -> None:
+    from infscale.pipeline import write_fits
+
+    write_fits(run, pl.read_parquet(run.merged_file))   # as `infscale fit`: from the merged table on disk
+
+
+def _step_claims(run) -> None:
+    from infscale.pipeline import write_claims
+
+    write_claims(run, pl.read_parquet(run.merged_file))
+
+
+# The regeneration, in order. FIGURES + REPORT: after the figures/report branch is merged, append
+#   ("figures", _step_figures) and ("report", _step_report)
+# here, with _step_figures calling infscale.analysis.figures.render_figures(merged, run.figures_dir, fits=...,
+# validation=..., title=...) and _step_report calling infscale.analysis.report.write_report(run); `_checks` below
+# already compares every bundled `figures/*.png` and reports `report.html`.
+STEPS: list[tuple[str, Callable[[object], None]]] = [
+    ("merge", _step_merge),
+    ("fits", _step_fits),
+    ("claims", _step_claims),
+]
+
+
+def _table_check(name: str, bundled: Path, regenerated: Path) -> Check:
+    if not bundled.is_file():
+        return Check(name, True, "not in the bundle (nothing to compare)")
+    if not regenerated.is_file():
+        return Check(name, False, "DIFFERENT: not regenerated")
+    a, b = pl.read_parquet(bundled), pl.read_parquet(regenerated)
+    if a.equals(b):
+        return Check(name, True, f"identical ({a.height} rows)")
+    if a.columns != b.columns or a.dtypes != b.dtypes:
+        return Check(name, False, f"DIFFERENT: columns {a.columns} vs {b.columns}")
+    if a.height != b.height:
+        return Check(name, False, f"DIFFERENT: {a.height} rows bundled, {b.height} regenerated")
+    columns = [c for c in a.columns if not a.get_column(c).equals(b.get_column(c))]
+    return Check(name, False, f"DIFFERENT in column(s) {', '.join(columns)}")
+
+
+def _checks(bundled: Path, regenerated: Path) -> list[Check]:
+    from infscale.ae.images import compare_png
+
+    checks = [_table_check(name, bundled / name, regenerated / name) for name in TABLES]
+    for name in TEXTS:
+        if (bundled / name).is_file():
+            same = (regenerated / name).is_file() and filecmp.cmp(bundled / name, regenerated / name, shallow=False)
+            checks.append(Check(name, same, "identical" if same else "DIFFERENT"))
+    for png in sorted((bundled / "figures").rglob("*.png")) if (bundled / "figures").is_dir() else []:
+        rel = png.relative_to(bundled).as_posix()
+        new = regenerated / rel
+        if not new.is_file():
+            checks.append(Check(rel, False, "DIFFERENT: not regenerated (figures are wired in after the figures "
+                                "module is merged)"))
+            continue
+        diff = compare_png(png, new)
+        checks.append(Check(rel, diff.within, diff.line().split(": ", 1)[1]))
+    if (bundled / "report.html").is_file():
+        present = (regenerated / "report.html").is_file()
+        checks.append(Check("report.html", present, "regenerated" if present else "DIFFERENT: not regenerated"))
+    return checks
+
+
+def regenerate(bundle: Path, out: Path | None = None) -> Regeneration:
+    """Run `STEPS` on the bundle's cell files into `out` (default `<bundle>/regenerated`), then diff."""
+    from infscale.pipeline import CampaignRun
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    bundled = bundle / str(manifest["results_dir"])
+    config = bundle / str(manifest["campaign_file"])
+    if not config.is_file() or not (bundled / "cells").is_dir():
+        raise BundleError(f"{bundle}: the campaign file or {manifest['results_dir']}/cells is missing "
+                          "(infscale ae verify names what is wrong)")
+    out = Path(out) if out else bundle / REGENERATED
+    if out.resolve() == bundle.resolve() or bundled.resolve().is_relative_to(out.resolve()):
+        raise BundleError(f"--out {out}: would write over the bundled results; choose a new directory")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise BundleError(f"--out {out}: exists and is not an earlier regeneration; choose a new directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(f"regenerated from {bundle}\n")
+
+    run = CampaignRun(config, out / "results", "auto")
+    for name in INPUTS:
+        if (bundled / name).is_dir():
+            shutil.copytree(bundled / name, run.results_dir / name)
+    result = Regeneration(run.results_dir)
+    for name, step in STEPS:
+        started = time.perf_counter()
+        step(run)
+        result.steps.append((name, time.perf_counter() - started))
+    result.checks = _checks(bundled, run.results_dir)
+    return result
