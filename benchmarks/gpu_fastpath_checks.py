@@ -30,6 +30,9 @@ from infscale.serving.cluster import ReplicaConfig
 from infscale.serving.workload import Requests
 
 
+MOE_MODEL = "qwen3-30b-a3b"
+
+
 def _median_ms(fn, repeats: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -52,7 +55,7 @@ def hbm_read_bandwidth() -> float:
 
 
 def moe_block_check(bandwidth: float) -> list[dict[str, object]]:
-    arch = get_model("qwen3-30b-a3b")
+    arch = get_model(MOE_MODEL)
     model = DecoderModel(arch, dtype=torch.bfloat16, device="cuda", seed=0, num_layers=1)
     block = model.layers[0].mlp
     expert_bytes = block.w_gate_up[0].numel() * 2 + block.w_down[0].numel() * 2
@@ -139,6 +142,7 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "hbm_read_bytes_per_s": bandwidth}
     if "moe" in parts:
+        report["moe_model"] = MOE_MODEL
         report["moe_block"] = moe_block_check(bandwidth)
     if "tokens" in parts:
         report["tokens"] = token_checks()

@@ -18,6 +18,7 @@ from infscale.calibration import (
     from_microbenchmarks,
     load_profile,
     make_profile,
+    moe_layer_latency,
     with_hardware,
     write_profile,
 )
@@ -47,6 +48,41 @@ def test_constants_from_the_benchmark_outputs() -> None:
     assert efficiency["allreduce_bus_bandwidth"] == pytest.approx(334.2e9, rel=1e-3)
 
 
+def test_moe_layer_latency_from_the_moe_block_benchmark() -> None:
+    """The committed H100 MoE block times: a fixed ~140 us per layer beyond reading the experts at ~2.6 TB/s."""
+    block = json.loads((PROFILES / "h100-sxm-x4.2026-11-27.moe-block.json").read_text())
+    latency, source = moe_layer_latency(block)
+    assert 100e-6 < latency < 180e-6 and "grouped GEMMs" in source and "H100" in source
+    hardware = get_hardware("h100-sxm")
+    efficiency, sources = from_microbenchmarks(hardware, json.loads(MICROBENCH.read_text()),
+                                               json.loads(ROOFLINE.read_text()), block)
+    assert efficiency["moe_layer_latency_s"] == latency and "efficiency.moe_layer_latency_s" in sources
+    with pytest.raises(ProfileError, match="at least 2 batch sizes"):
+        moe_layer_latency({"moe_block": block["moe_block"][:1]})
+    flat = [dict(r, graph_ms=0.5) for r in block["moe_block"]]  # no growth with bytes: no bandwidth term
+    with pytest.raises(ProfileError, match="do not fit"):
+        moe_layer_latency({"moe_block": flat})
+
+
+def test_moe_layer_latency_adds_its_cost_to_every_moe_layer_of_a_step() -> None:
+    from infscale.calibration import with_efficiency
+    from infscale.catalog import get_model
+    from infscale.layout import Layout
+    from infscale.perfmodel import build_step_model
+
+    model, hardware = get_model("qwen3-30b-a3b"), get_hardware("h100-sxm")
+    layout = Layout(dp=1, tp=2, pp=2)
+    base = build_step_model(model, hardware, layout, "bf16", "bf16")
+    slow = build_step_model(model, with_efficiency(hardware, {"moe_layer_latency_s": 1e-4}), layout, "bf16", "bf16")
+    # 48 MoE layers over 2 stages: 24 per stage, each stage runs once per (single micro-batch) decode step
+    added = slow.iteration_time(1, 1, 1000, 1000) - base.iteration_time(1, 1, 1000, 1000)
+    assert added == pytest.approx(2 * 24 * 1e-4)
+    llama = get_model("llama-3.1-8b")
+    dense = build_step_model(llama, with_efficiency(hardware, {"moe_layer_latency_s": 1e-4}), layout, "bf16", "bf16")
+    plain = build_step_model(llama, hardware, layout, "bf16", "bf16")
+    assert dense.iteration_time(1, 1, 1000, 1000) == plain.iteration_time(1, 1, 1000, 1000)
+
+
 def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
     campaign = load_campaign(CONFIG)
     planned = plan_campaign(campaign)
@@ -56,7 +92,7 @@ def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
     base = hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(update=measured)})
     fitted, sources, cells, rms = fit_engine_constants(with_hardware(campaign, base), planned, merged, base,
                                                        ["llama-3.1-8b"])
-    assert cells and all(c.startswith("llama-3.1-8b.") and "pp2" not in c for c in cells)
+    assert len(cells) == 10 and all(c.startswith("llama-3.1-8b.") for c in cells)  # PP cells included (graphed)
     assert set(fitted) == {"matmul", "iteration_overhead_s"} and np.isfinite(rms)
     profile = make_profile("test-profile", hardware, "torch", {**measured, **fitted}, {
         **{f"efficiency.{k}": "microbenchmark" for k in measured}, **sources}, [MICROBENCH, ROOFLINE], cells)
@@ -70,7 +106,7 @@ def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
 
     before = validate(campaign, planned, merged, cells)
     after = validate(with_hardware(campaign, loaded.apply(hardware)), planned, merged, loaded.fitted_on)
-    # the Qwen2.5-32B cells took no part in the fit: calibration must still bring their throughput closer
+    # the Qwen2.5-32B and Qwen3-30B-A3B cells took no part in the fit: calibration must bring them closer
     assert median_error(after, held_out=True) < median_error(before, held_out=True)
     assert after.filter(~pl.col("held_out")).get_column("model").unique().to_list() == ["llama-3.1-8b"]
 

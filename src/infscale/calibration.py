@@ -109,11 +109,33 @@ def sha256_of(path: Path) -> str:
 # ---------------------------------------------------------------------------------------- microbenchmarks
 
 
-def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any],
-                         roofline: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
-    """Efficiency constants measured by the two GPU benchmarks, each with how it was obtained."""
+def moe_layer_latency(moe_block: dict[str, Any]) -> tuple[float, str]:
+    """The fixed cost of one MoE layer from benchmarks/gpu_fastpath_checks.py's MoE block rows: a least-squares
+    line of the graphed block's time against the expert bytes it reads; its intercept is what the layer costs
+    beyond reading its experts (its slope, the bandwidth, is reported for comparison with η_HBM)."""
+    rows = moe_block.get("moe_block", [])
+    if len(rows) < 2:
+        raise ProfileError("the MoE block benchmark needs at least 2 batch sizes (moe_block rows)")
+    gbytes = np.array([r["expert_bytes_read"] for r in rows], dtype=float)
+    seconds = np.array([r["graph_ms"] for r in rows], dtype=float) / 1e3
+    slope, intercept = np.polyfit(gbytes, seconds, 1)
+    if intercept <= 0 or slope <= 0:
+        raise ProfileError(f"the MoE block times do not fit a positive fixed cost + bytes/bandwidth "
+                           f"(intercept {intercept * 1e6:.1f} us, slope {slope:.3g} s/B)")
+    model = moe_block.get("moe_model")
+    source = (f"MoE block{f' (one layer of {model})' if model else ''}: router, routing, two grouped GEMMs, captured "
+              f"in a CUDA graph on {moe_block.get('gpu', '?')}, batches {', '.join(str(r['batch']) for r in rows)}: "
+              f"time = {intercept * 1e6:.0f} us + expert bytes / {1 / slope / 1e12:.2f} TB/s (least squares)")
+    return float(intercept), source
+
+
+def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any], roofline: dict[str, Any],
+                         moe_block: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Efficiency constants measured by the GPU benchmarks, each with how it was obtained."""
     efficiency: dict[str, float] = {}
     sources: dict[str, str] = {}
+    if moe_block is not None:
+        efficiency["moe_layer_latency_s"], sources["efficiency.moe_layer_latency_s"] = moe_layer_latency(moe_block)
     gpu = microbench.get("environment", {}).get("gpu_name", "?")
 
     tp1 = [r for r in roofline["rows"] if r["tp"] == 1]

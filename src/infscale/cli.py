@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--engine", default="torch", help="engine whose iterations the profile describes")
     calibrate.add_argument("--microbench", type=Path, required=True, help="benchmarks/gpu_microbench.py output")
     calibrate.add_argument("--roofline", type=Path, required=True, help="benchmarks/torch_decode_roofline.py output")
+    calibrate.add_argument("--moe-block", type=Path, help="benchmarks/gpu_fastpath_checks.py --part moe output "
+                           "(the fixed cost per MoE layer)")
     calibrate.add_argument("--fit", type=Path, metavar="CONFIG", help="campaign whose measured cells the engine "
                            "constants are fitted on")
     calibrate.add_argument("--results-root", type=Path, default=Path("results"))
@@ -342,7 +344,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         hardware = get_hardware(args.hardware)
-        efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), read_json(args.roofline))
+        moe_block = read_json(args.moe_block) if args.moe_block else None
+        efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), read_json(args.roofline),
+                                                   moe_block)
         fitted_on: list[str] = []
         if args.fit:
             from infscale.pipeline import CampaignRun
@@ -358,7 +362,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             efficiency.update(fitted)
             sources.update(fit_sources)
         profile = make_profile(args.name, hardware, args.engine, efficiency, sources,
-                               [args.microbench, args.roofline], fitted_on)
+                               [args.microbench, args.roofline] + ([args.moe_block] if args.moe_block else []),
+                               fitted_on)
     except (ProfileError, CatalogError) as err:
         print(err, file=sys.stderr)
         return 2

@@ -4,10 +4,12 @@ An iteration of `T` tokens (decodes plus prompt chunks) on a replica of TP × PP
 
     t_iter = PP · (t_stage(T/m) + t_p2p(T/m)) + t_0          with m = min(PP, sequences) micro-batches
     t_stage = max(W_bytes(T)/BW, F_gemm(T)/F) + max(KV_bytes/BW, F_attn/F) + t_allreduce(T) + t_alltoall(T)
+              + L_moe · t_moe
 
 where BW and F are the efficiency-scaled HBM bandwidth and dense throughput of the GPU, W_bytes counts the
 stage's weights on one GPU (for MoE: only the experts the batch actually touches), KV_bytes the cached tokens
-read, and the collectives follow the α + size/bandwidth form. Pure-decode iterations are linear in the total
+read, the collectives follow the α + size/bandwidth form, and t_moe is a fixed cost per MoE layer (routing and
+grouped-GEMM dispatch; 0 unless a hardware profile measured it). Pure-decode iterations are linear in the total
 context, so a run of decode steps is evaluated in closed form.
 """
 
@@ -35,6 +37,7 @@ class StepModel:
     dense_weight_bytes: float       # per GPU, the bottleneck stage, read every micro-batch
     expert_bytes: float             # one routed expert's share on one GPU
     moe_layers: float               # MoE layers on the bottleneck stage
+    moe_layer_latency: float        # fixed cost per MoE layer per micro-batch
     num_experts: int
     experts_per_token: int
     gemm_flops_per_token: float     # per GPU, bottleneck stage, without the LM head
@@ -82,7 +85,7 @@ class StepModel:
         gemm = max(self.weight_bytes(tokens) / self.hbm_bandwidth, flops / self.gemm_flops)
         attention = max(kv_tokens_read * self.kv_bytes_per_token / self.hbm_bandwidth,
                         attention_pairs * self.attention_flops_per_pair / self.attention_flops)
-        return gemm + attention + self.comm_time(tokens)
+        return gemm + attention + self.comm_time(tokens) + self.moe_layers * self.moe_layer_latency
 
     def p2p_time(self, tokens: float) -> float:
         if self.pp == 1:
@@ -152,6 +155,7 @@ def build_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weigh
         dense_weight_bytes=dense_weight_bytes,
         expert_bytes=expert_bytes,
         moe_layers=moe_layers,
+        moe_layer_latency=eff.moe_layer_latency_s,
         num_experts=model.num_experts,
         experts_per_token=model.experts_per_token,
         gemm_flops_per_token=gemm_flops_per_token,

@@ -33,6 +33,9 @@ class Efficiency(BaseModel):
     p2p_latency_s: float = Field(ge=0)
     # Fixed cost of one engine iteration (scheduling, sampling, launch), seconds.
     iteration_overhead_s: float = Field(ge=0)
+    # Fixed cost of one MoE layer per iteration beyond reading its experts (router, top-k, sorting the routed
+    # slots, the grouped-GEMM launches), seconds. 0 unless a profile measured it (the MoE block benchmark).
+    moe_layer_latency_s: float = Field(default=0.0, ge=0)
     # Device memory per GPU kept for activations and workspace, outside weights and KV cache, bytes.
     activation_reserve_bytes: int = Field(ge=0)
 
