@@ -89,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     _campaign_args(validate)
     validate.add_argument("--profile", type=Path, help="hardware profile (infscale calibrate) to predict with")
 
+    extra = commands.add_parser("extrapolate", help="predict every cell of a campaign with error bands taken from "
+                                "a validation table (cells nobody has measured: 8 GPUs, two nodes)")
+    extra.add_argument("config", type=Path, help="campaign file (config/*.yaml)")
+    extra.add_argument("--validation", type=Path, required=True, help="validation.*.parquet of infscale validate "
+                       "(the measured cells whose errors give the bands)")
+    extra.add_argument("--profile", type=Path, help="hardware profile to predict with (use the validation's)")
+    extra.add_argument("--out", type=Path, help="folder for predictions.parquet/.md (default: "
+                       "results/predicted/<campaign>)")
+    extra.add_argument("--replace", action="store_true", help="replace predictions already recorded there")
+
     calibrate = commands.add_parser("calibrate", help="write a hardware profile from GPU benchmark outputs, "
                                     "optionally fitting the engine constants on measured cells")
     calibrate.add_argument("--hardware", required=True, help="catalog hardware the profile refines, e.g. h100-sxm")
@@ -326,6 +336,54 @@ def cmd_validate(args: argparse.Namespace) -> int:
     text = validation_markdown(frame, campaign.name, campaign.hardware.name, profile.name if profile else None)
     write_text_atomic(run.results_dir / f"{stem}.md", text)
     print(text)
+    return 0
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> int:
+    import datetime
+
+    import polars as pl
+
+    from infscale.analysis.extrapolate import (
+        ExtrapolationError,
+        ValidationScope,
+        error_bands,
+        extrapolate,
+        predictions_markdown,
+    )
+    from infscale.calibration import ProfileError, campaign_with_profile
+    from infscale.campaign import load_campaign
+    from infscale.campaign.plan import plan_campaign
+    from infscale.results.io import write_table_atomic, write_text_atomic
+
+    campaign, profile = load_campaign(args.config), None
+    out = args.out or Path("results") / "predicted" / campaign.name
+    target = out / "predictions.parquet"
+    if target.exists() and not args.replace:
+        print(f"{target} exists (predictions recorded {datetime.datetime.fromtimestamp(target.stat().st_mtime):%F %T}"
+              f"); pass --replace to replace them", file=sys.stderr)
+        return 2
+    if not args.validation.is_file():
+        print(f"--validation: {args.validation} is not a file", file=sys.stderr)
+        return 2
+    try:
+        if args.profile:
+            campaign, profile = campaign_with_profile(campaign, args.profile)
+        validation = pl.read_parquet(args.validation)
+        bands = error_bands(validation)
+    except (ProfileError, ExtrapolationError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    recorded = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    table = extrapolate(campaign, plan_campaign(campaign), bands, args.validation.name,
+                        profile.name if profile else None, ValidationScope.of(validation))
+    write_table_atomic(table.to_arrow(), target, {b"infscale.config_hash": campaign.config_hash.encode(),
+                                                  b"infscale.recorded_at": recorded.encode()})
+    text = predictions_markdown(table, campaign.name, bands, args.validation.name, profile.name if profile else None,
+                                recorded)
+    write_text_atomic(out / "predictions.md", text)
+    print(f"{table.height} cells predicted with bands from {bands['output_tok_s'].cells} validation cells; "
+          f"written to {target} and predictions.md")
     return 0
 
 
@@ -653,6 +711,7 @@ COMMANDS = {
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
     "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend, "ae": cmd_ae,
+    "extrapolate": cmd_extrapolate,
 }
 
 if __name__ == "__main__":
