@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "claims.parquet and claims.md")
     _campaign_args(claims)
 
+    figures = commands.add_parser("figures", help="draw the campaign's figures (PNG + SVG) into "
+                                  "results/<campaign>/figures/, with figures.json listing them")
+    _campaign_args(figures)
+
+    report = commands.add_parser("report", help="write results/<campaign>/report.html: figures, summary, claims, "
+                                 "fits and provenance in one self-contained file")
+    _campaign_args(report)
+    report.add_argument("--out", type=Path, help="where to write the report (default: results/<campaign>/report.html)")
+
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
     _campaign_args(validate)
@@ -279,6 +288,43 @@ def cmd_claims(args: argparse.Namespace) -> int:
     text = claims_markdown(verdicts, run.campaign.name)
     write_text_atomic(run.claims_file.with_suffix(".md"), text)
     print(text)
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from infscale.analysis.figures import read_validation, render_figures
+
+    run = _campaign_run(args)
+    merged = _read_merged(run)
+    if merged is None:
+        return 1
+    fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
+    campaign = run.campaign
+    kind = "predicted (sim)" if campaign.spec.backend == "sim" else "measured"
+    params = {arch.name: float(arch.param_counts().total) for arch in campaign.models.values()}
+    results = render_figures(merged, run.figures_dir, fits=fits, validation=read_validation(run.validation_files()),
+                             title=f"campaign {campaign.name}: {campaign.spec.backend} backend on "
+                                   f"{campaign.hardware.name} ({kind})", model_params=params)
+    drawn = [r.name for r in results if not r.skipped]
+    print(f"{len(drawn)} figures in {run.figures_dir}: {', '.join(drawn) or 'none'}")
+    for result in results:
+        if result.skipped:
+            print(f"  {result.name} not drawn: {result.skipped}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from infscale.analysis.report import write_report
+
+    run = _campaign_run(args)
+    try:
+        path = write_report(run, args.out)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"report written to {path}")
     return 0
 
 
@@ -538,7 +584,8 @@ COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
-    "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend,
+    "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend, "figures": cmd_figures,
+    "report": cmd_report,
 }
 
 if __name__ == "__main__":

@@ -54,6 +54,23 @@ class CampaignRun:
     def claims_file(self) -> Path:
         return self.results_dir / "claims.parquet"
 
+    @property
+    def figures_dir(self) -> Path:
+        return self.results_dir / "figures"
+
+    @property
+    def figures_manifest(self) -> Path:
+        """Written last by `infscale figures`: the figures drawn and why the others were skipped."""
+        return self.figures_dir / "figures.json"
+
+    @property
+    def report_file(self) -> Path:
+        return self.results_dir / "report.html"
+
+    def validation_files(self) -> list[Path]:
+        """`infscale validate`'s tables (one per hardware profile predicted with), if any."""
+        return sorted(self.results_dir.glob("validation*.parquet"))
+
     def job_summary(self, job: str) -> Path:
         """Written by the bench job when all its cells are done: their summary rows."""
         return self.results_dir / "bench" / f"{job}.parquet"
