@@ -291,7 +291,7 @@ def _save(figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
     # a constrained layout is settled by the first drawing; freezing it spares the SVG a second pass
     figure.set_layout_engine("none")
-    figure.savefig(svg, format="svg", metadata={"Date": None})
+    figure.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
     return (write_bytes_atomic(out_dir / f"{name}.png", png.getvalue()),
             write_bytes_atomic(out_dir / f"{name}.svg", svg.getvalue()))
 
@@ -415,7 +415,8 @@ def kv_capacity(ok: pl.DataFrame, model_params: dict[str, float] | None = None, 
     for series in series_list:
         cells = rows.filter(pl.col("series") == series)
         gpus = _node_gpus(cells)
-        cells = cells.filter(pl.col("gpus") == gpus).with_columns((pl.col("isl_max") + pl.col("osl_max")).alias("length"))
+        cells = cells.filter(pl.col("gpus") == gpus).with_columns(
+            (pl.col("isl_max") + pl.col("osl_max")).alias("length"))
         longest = int(cells.get_column("length").max())
         labels.append(f"{series}, {gpus} GPUs (ISL+OSL {_count(longest)})")
         for row in cells.sort("short", "length").iter_rows(named=True):
@@ -703,8 +704,8 @@ FIGURES: list[tuple[str, str, str, Callable]] = [  # name, headline, caption, dr
      "Energy per output token per layout and output length, from GPU telemetry (NVML energy counters).",
      energy),
     ("predicted_vs_measured", "Predicted vs measured",
-     "The sim backend's predictions against measured cells (output throughput, TPOT and "
-     "TTFT p50), from `infscale validate`; the solid line is a perfect prediction, dotted ±25 %. Medians over the cells "
-     "validate counts (in_medians: the eager-path cells, host-bound, are shown faded and left out).",
+     "The sim backend's predictions against measured cells (output throughput, TPOT and TTFT p50), from "
+     "`infscale validate`; the solid line is a perfect prediction, dotted ±25 %. Medians over the cells validate "
+     "counts (in_medians: the eager-path cells, host-bound, are shown faded and left out).",
      predicted_vs_measured),
 ]
