@@ -292,19 +292,17 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    import polars as pl
-
     from infscale.analysis.figures import read_validation, render_figures
 
     run = _campaign_run(args)
     merged = _read_merged(run)
     if merged is None:
         return 1
-    fits = pl.read_parquet(run.fits_file) if run.fits_file.exists() else None
     campaign = run.campaign
     kind = "predicted (sim)" if campaign.spec.backend == "sim" else "measured"
     params = {arch.name: float(arch.param_counts().total) for arch in campaign.models.values()}
-    results = render_figures(merged, run.figures_dir, fits=fits, validation=read_validation(run.validation_files()),
+    # no fits.parquet: the figures fit their USL curves themselves, so the workflow draws them while `fit` runs
+    results = render_figures(merged, run.figures_dir, validation=read_validation(run.validation_files()),
                              title=f"campaign {campaign.name}: {campaign.spec.backend} backend on "
                                    f"{campaign.hardware.name} ({kind})", model_params=params)
     drawn = [r.name for r in results if not r.skipped]

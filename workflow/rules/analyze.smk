@@ -28,10 +28,10 @@ rule claims:
         "{INFSCALE} claims {COMMON}"
 
 
+# figures does not wait for fit (it fits its USL curves itself): on two cores the two run side by side
 rule figures:
     input:
         cells=CAMPAIGN.merged_file,
-        fits=CAMPAIGN.fits_file,
         validation=CAMPAIGN.validation_files(),  # optional: `infscale validate` writes them, not this workflow
     output:
         manifest=CAMPAIGN.figures_manifest,

@@ -1,15 +1,17 @@
 """The figures of a campaign (`results/<campaign>/figures/`): PNG and SVG of each, drawn from the merged cells.
 
-- `throughput_vs_gpus`: output tokens/s against the GPU count per strategy family, per model (USL fits dashed);
+- `throughput_vs_gpus`: output tokens/s against the GPU count per strategy family, per model, with the family's
+  USL fit dashed (from `fits` when given, else fitted here exactly as fits.py does);
 - `reasoning_cliff`: output tokens/s per GPU against the output length per layout, per model;
-- `kv_capacity`: KV-cache capacity per replica and the layout's maximum concurrency, per layout, per model;
+- `kv_capacity`: KV-cache capacity per replica and the layout's maximum concurrency, model × layout tables;
 - `best_layout`: the best layout at each model's single-node GPU count, over model size × workload;
 - `latency`: TTFT and TPOT, p50 and p99, per layout, per model;
 - `energy`: energy per output token per layout and output length (measured backends only);
 - `predicted_vs_measured`: the sim's predictions against measured cells (from `infscale validate`'s tables).
 
 A figure whose data is missing is not drawn; its `FigureResult.skipped` says why. Points from predicted rows (the
-`sim` backend) are drawn hollow, measured ones filled, and each panel says which it shows.
+`sim` backend) are drawn hollow, measured ones filled, and each panel says which it shows. Per-model panels compare
+the layouts of the model's largest single-node GPU count (as summary.md does).
 
 The files are deterministic (the artifact evaluation regenerates and compares them byte for byte): fixed size,
 DPI, fonts and SVG id salt, no dates or software versions in the metadata, every input sorted.
@@ -76,29 +78,32 @@ def render_figures(cells: pl.DataFrame, out_dir: Path, *, fits: pl.DataFrame | N
     each one skipped. `validation`: rows of `infscale validate`'s tables, optionally with a `predictor` column
     (which prediction they hold, e.g. the hardware profile); `model_params`: total parameters per model (for the
     best-layout map's order; else the catalog's, else the weights' size)."""
-    import matplotlib
-
     out_dir = Path(out_dir)
     ok = _prepare(cells)
-    results = []
-    with matplotlib.rc_context(RC):
-        for name, headline, caption, draw in FIGURES:
-            try:
-                if ok.is_empty() and name != "predicted_vs_measured":
-                    raise Skip("no cell has been measured or predicted yet (no row with status ok)")
-                figure = draw(ok, fits=fits, validation=validation, model_params=model_params)
-            except Skip as why:
-                _remove(out_dir, name)  # a figure drawn from older data must not outlive it
-                results.append(FigureResult(name, caption, skipped=str(why)))
-                continue
-            if figure.get_layout_engine() is None:  # fixed margins (_grid) leave the top 0.75 in to the title
-                figure.suptitle(f"{title}\n{headline}", fontsize=10, y=1 - 0.08 / figure.get_figheight(), va="top")
-            else:
-                figure.suptitle(f"{title}\n{headline}", fontsize=10)
-            results.append(FigureResult(name, caption, *_save(figure, out_dir, name)))
+    results = [_render_one(name, ok, fits, validation, model_params, title, out_dir) for name, *_ in FIGURES]
     manifest = {"title": title, "figures": [r.manifest_entry() for r in results]}
     write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return results
+
+
+def _render_one(name: str, ok: pl.DataFrame, fits: pl.DataFrame | None, validation: pl.DataFrame | None,
+                model_params: dict[str, float] | None, title: str, out_dir: Path) -> FigureResult:
+    import matplotlib
+
+    _, headline, caption, draw = next(entry for entry in FIGURES if entry[0] == name)
+    with matplotlib.rc_context(RC):
+        try:
+            if ok.is_empty() and name != "predicted_vs_measured":
+                raise Skip("no cell has been measured or predicted yet (no row with status ok)")
+            figure = draw(ok, fits=fits, validation=validation, model_params=model_params)
+        except Skip as why:
+            _remove(out_dir, name)  # a figure drawn from older data must not outlive it
+            return FigureResult(name, caption, skipped=str(why))
+        if figure.get_layout_engine() is None:  # fixed margins (_grid) leave the top 0.75 in to the title
+            figure.suptitle(f"{title}\n{headline}", fontsize=10, y=1 - 0.08 / figure.get_figheight(), va="top")
+        else:
+            figure.suptitle(f"{title}\n{headline}", fontsize=10)
+        return FigureResult(name, caption, *_save(figure, out_dir, name))
 
 
 def read_manifest(out_dir: Path) -> list[FigureResult] | None:
@@ -362,17 +367,26 @@ def throughput_vs_gpus(ok: pl.DataFrame, fits: pl.DataFrame | None = None, **_) 
 
 
 def _usl_curve(ax, fits: pl.DataFrame | None, where: dict, fam: str, points: pl.DataFrame, style: dict) -> bool:
-    if fits is None or fits.is_empty() or points.height < 3:
-        return False
-    match = fits.filter((pl.col("family") == fam)
-                        & pl.all_horizontal([pl.col(k) == where[k] for k in ("model", *WORKLOAD)]))
-    if match.is_empty():
-        return False
-    from infscale.analysis.fits import usl
+    """The family's USL curve: from `fits` where given, else fitted here on the same points as fits.py fits (its
+    point estimate does not depend on the bootstrap), so the figures need not wait for `infscale fit`."""
+    from infscale.analysis.fits import fit_law, usl
 
-    fit = match.row(0, named=True)
+    if points.height < 3:
+        return False
+    if fits is not None:
+        match = fits.filter((pl.col("family") == fam)
+                            & pl.all_horizontal([pl.col(k) == where[k] for k in ("model", *WORKLOAD)]))
+        if match.is_empty():
+            return False
+        params = [match.row(0, named=True)[f"p{i}"] for i in range(3)]
+    else:
+        fit = fit_law("usl", points.get_column("gpus").to_numpy(), points.get_column("output_tok_s").to_numpy(),
+                      bootstrap=0)
+        if fit is None:
+            return False
+        params = [fit["lambda"], fit["sigma"], fit["kappa"]]
     n = np.geomspace(float(points.get_column("gpus").min()), float(points.get_column("gpus").max()), 40)
-    ax.plot(n, usl(n, fit["p0"], fit["p1"], fit["p2"]), color=style["color"], linewidth=0.8, linestyle=(0, (4, 2)))
+    ax.plot(n, usl(n, *params), color=style["color"], linewidth=0.8, linestyle=(0, (4, 2)))
     return True
 
 
