@@ -44,7 +44,7 @@ def test_sim_campaign_figures_through_the_cli(sim_results) -> None:
     assert "infscale validate" in drawn["predicted_vs_measured"].skipped
     assert not (folder / "energy.png").exists() and not (folder / "predicted_vs_measured.svg").exists()
     title = json.loads((folder / "figures.json").read_text())["title"]
-    assert "figs" in title and "predicted (sim)" in title
+    assert "figs" in title and "(predicted)" in title
 
 
 def test_reference_figures_with_validation(tmp_path) -> None:
@@ -65,16 +65,17 @@ def test_reference_figures_with_validation(tmp_path) -> None:
 
 
 def test_predictions_and_measurements_are_labelled() -> None:
-    measured = figures._prepare(pl.read_parquet(REFERENCE / "cells.parquet"))
+    cells = pl.read_parquet(REFERENCE / "cells.parquet").filter(pl.col("status") == "ok")
+    measured = figures._prepare(cells)
     assert not measured.get_column("predicted_point").any()
-    as_sim = measured.with_columns(pl.lit("sim").alias("backend"), pl.lit(None, pl.Boolean).alias("predicted"))
-    assert figures._prepare(as_sim).get_column("predicted_point").all()  # a sim row without the flag is predicted
+    as_sim = cells.with_columns(pl.lit("sim").alias("backend"), pl.lit(None, pl.Boolean).alias("predicted"))
+    predicted = figures._prepare(as_sim)
+    assert predicted.get_column("predicted_point").all()  # a sim row without the flag is predicted
     import matplotlib
 
     with matplotlib.rc_context(figures.RC):
-        predicted = figures._prepare(as_sim)
         for frame, kind, face in ((measured, "(measured)", "filled"), (predicted, "(predicted)", "none")):
-            figure = figures.reasoning_cliff(frame)
+            figure = figures.reasoning_cliff(ok=frame)
             axes = [ax for ax in figure.axes if ax.get_visible()]
             assert axes and all(kind in ax.get_title() for ax in axes)
             faces = {str(line.get_markerfacecolor()) for ax in axes for line in ax.lines if line.get_marker() != "None"}
@@ -94,13 +95,18 @@ def test_drawing_twice_gives_identical_files(tmp_path) -> None:
     assert "<dc:date>" not in svg and "Matplotlib v" not in svg  # no date, no version in the files
 
 
-def test_every_figure_is_skipped_without_ok_cells(tmp_path) -> None:
-    cells = pl.read_parquet(REFERENCE / "cells.parquet").with_columns(pl.lit("pending").alias("status"))
-    results = render_figures(cells, tmp_path, title="nothing yet")
-    assert [r.name for r in results] == ALL
-    assert all(r.skipped for r in results)
-    assert "no row with status ok" in results[0].skipped
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json"]
+def test_figures_without_ok_cells(tmp_path) -> None:
+    cells = pl.read_parquet(REFERENCE / "cells.parquet")
+    # nothing measured yet: only the planned KV capacity and concurrency can be drawn
+    pending = by_name(render_figures(cells.with_columns(pl.lit("pending").alias("status")), tmp_path / "p",
+                                     title="nothing measured yet"))
+    assert list(pending) == ALL
+    assert [n for n, r in pending.items() if not r.skipped] == ["kv_capacity"]
+    assert "no row with status ok" in pending["throughput_vs_gpus"].skipped
+    # nothing feasible: nothing at all
+    infeasible = render_figures(cells.with_columns(pl.lit("infeasible").alias("status")), tmp_path / "i", title="t")
+    assert all(r.skipped for r in infeasible)
+    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["figures.json"]
 
 
 def test_a_figure_skipped_later_leaves_no_stale_file(tmp_path) -> None:

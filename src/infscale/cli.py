@@ -299,7 +299,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     if merged is None:
         return 1
     campaign = run.campaign
-    kind = "predicted (sim)" if campaign.spec.backend == "sim" else "measured"
+    kind = "predicted" if campaign.spec.backend == "sim" else "measured"
     params = {arch.name: float(arch.param_counts().total) for arch in campaign.models.values()}
     # no fits.parquet: the figures fit their USL curves themselves, so the workflow draws them while `fit` runs
     results = render_figures(merged, run.figures_dir, validation=read_validation(run.validation_files()),

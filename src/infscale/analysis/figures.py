@@ -79,23 +79,26 @@ def render_figures(cells: pl.DataFrame, out_dir: Path, *, fits: pl.DataFrame | N
     (which prediction they hold, e.g. the hardware profile); `model_params`: total parameters per model (for the
     best-layout map's order; else the catalog's, else the weights' size)."""
     out_dir = Path(out_dir)
-    ok = _prepare(cells)
-    results = [_render_one(name, ok, fits, validation, model_params, title, out_dir) for name, *_ in FIGURES]
+    prepared = _prepare(cells)
+    data = {"ok": prepared.filter(pl.col("status") == "ok"), "fits": fits, "validation": validation,
+            "model_params": model_params,
+            # the plan's capacity columns hold for every feasible cell, measured yet or not
+            "planned": prepared.filter((pl.col("status") != "infeasible") & (pl.col("kv_capacity_tokens") > 0))}
+    results = [_render_one(name, data, title, out_dir) for name, *_ in FIGURES]
     manifest = {"title": title, "figures": [r.manifest_entry() for r in results]}
     write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return results
 
 
-def _render_one(name: str, ok: pl.DataFrame, fits: pl.DataFrame | None, validation: pl.DataFrame | None,
-                model_params: dict[str, float] | None, title: str, out_dir: Path) -> FigureResult:
+def _render_one(name: str, data: dict[str, object], title: str, out_dir: Path) -> FigureResult:
     import matplotlib
 
     _, headline, caption, draw = next(entry for entry in FIGURES if entry[0] == name)
     with matplotlib.rc_context(RC):
         try:
-            if ok.is_empty() and name != "predicted_vs_measured":
+            if data["ok"].is_empty() and name not in ("kv_capacity", "predicted_vs_measured"):
                 raise Skip("no cell has been measured or predicted yet (no row with status ok)")
-            figure = draw(ok, fits=fits, validation=validation, model_params=model_params)
+            figure = draw(**data)
         except Skip as why:
             _remove(out_dir, name)  # a figure drawn from older data must not outlive it
             return FigureResult(name, caption, skipped=str(why))
@@ -130,10 +133,10 @@ def read_validation(paths: list[Path]) -> pl.DataFrame | None:
 
 
 def _prepare(cells: pl.DataFrame) -> pl.DataFrame:
-    """The ok cells, sorted, with a `series` label (model, plus the weights' dtype when a model has several), a
-    `predicted_point` flag (the `predicted` column; a null there counts as predicted for the sim backend) and the
-    compact layout name."""
-    ok = cells.filter(pl.col("status") == "ok")
+    """The cells, sorted, with a `series` label (model, plus the weights' dtype when a model has several), a
+    `predicted_point` flag (the `predicted` column; a null there counts as predicted for the sim backend), the
+    compact layout name and the strategy family. Callers pick the statuses they draw."""
+    ok = cells
     if ok.is_empty():
         return ok
     dtypes = ok.group_by("model").agg(pl.col("weight_dtype").n_unique().alias("dtypes"))
@@ -419,10 +422,10 @@ def reasoning_cliff(ok: pl.DataFrame, **_) -> object:
     return figure
 
 
-def kv_capacity(ok: pl.DataFrame, model_params: dict[str, float] | None = None, **_) -> object:
-    rows = ok.filter(pl.col("kv_capacity_tokens").is_not_null() & (pl.col("kv_capacity_tokens") > 0))
+def kv_capacity(planned: pl.DataFrame, model_params: dict[str, float] | None = None, **_) -> object:
+    rows = planned
     if rows.is_empty():
-        raise Skip("no cell has a KV capacity (kv_capacity_tokens)")
+        raise Skip("no feasible cell has a KV capacity (kv_capacity_tokens)")
     sizes = _model_sizes(rows, model_params)
     series_list = sorted(rows.get_column("series").unique().to_list(), key=lambda s: (sizes.get(s, math.inf), s))
     capacity, concurrency, labels = {}, {}, []
@@ -449,10 +452,10 @@ def kv_capacity(ok: pl.DataFrame, model_params: dict[str, float] | None = None, 
     _heatmap(top, series_list, labels, layouts, {k: v[0] for k, v in capacity.items()},
              {k: f"{_thousands(v[0])}" + (f"\n(held {_thousands(v[1])})" if v[1] and abs(v[1] / v[0] - 1) > 0.01
                                          else "") for k, v in capacity.items()})
-    top.set_title(f"KV-cache capacity per replica (tokens; planned by the memory model"
-                  f"{'; held: the pool the measured engine had' if any(v[1] for v in capacity.values()) else ''})")
+    top.set_title("KV-cache capacity per replica, tokens (planned"
+                  f"{'; held: what the measured engine had' if any(v[1] for v in capacity.values()) else ''})")
     _heatmap(bottom, series_list, labels, layouts, concurrency, {k: f"{v:,}" for k, v in concurrency.items()})
-    bottom.set_title("maximum concurrent sequences of the layout at the model's longest ISL+OSL (planned)")
+    bottom.set_title("max concurrent sequences at the longest ISL+OSL (planned)")
     for ax in (top, bottom):
         ax.set_xlabel("layout")
     return figure
@@ -528,8 +531,7 @@ def best_layout(ok: pl.DataFrame, model_params: dict[str, float] | None = None, 
     ax.grid(False)
     ax.set_xlabel("workload ISL/OSL (tokens)")
     ax.set_ylabel("model (total parameters)")
-    ax.set_title(f"best layout at each model's single-node GPU count, with its output tokens/s per GPU ({kind}"
-                 f"{'; *: predicted' if mixed else ''})")
+    ax.set_title(f"best layout and its output tokens/s per GPU ({kind}{'; *: predicted' if mixed else ''})")
     _legend(figure, [Patch(facecolor=colours[f], alpha=0.45, label=f) for f in families], 8)
     return figure
 
@@ -706,8 +708,9 @@ FIGURES: list[tuple[str, str, str, Callable]] = [  # name, headline, caption, dr
      "Output tokens/s per GPU against the output length (OSL), per layout at each model's "
      "single-node GPU count: the reasoning cliff, where the KV cache, not compute, caps the batch.", reasoning_cliff),
     ("kv_capacity", "KV capacity and maximum concurrency per layout",
-     "KV-cache capacity per replica (bars, from the memory model; diamonds: the pool a measured "
-     "engine held) and the layout's maximum concurrent sequences against ISL+OSL, per layout.", kv_capacity),
+     "KV-cache capacity per replica and the layout's maximum concurrent sequences at the model's longest ISL+OSL, "
+     "per model and layout at its single-node GPU count, as the memory model plans them for every feasible cell "
+     "(measured or not); 'held' is the pool a measured engine actually had, where it differs.", kv_capacity),
     ("best_layout", "Best layout by model size and workload",
      "Best layout (highest output throughput) at each model's single-node GPU count, over model size "
      "and workload; colour: the strategy family; number: output tokens/s per GPU.", best_layout),
