@@ -87,7 +87,7 @@ def test_report_loads_cleanly_and_every_figure_renders(chromium, which, request)
     dom, console = load(chromium, page)
     state = body(dom)
     assert state.get("checked") == "yes", "the report's check script did not run"
-    assert console == [] and "js-errors" not in state
+    assert console == [] and "errors" not in state
     assert state["figures"] == state["figures-rendered"] == str(len(drawn)) and len(drawn) >= 5
     assert re.findall(r'data-rendered="(\w+)"', dom) == ["yes"] * len(drawn)
 
@@ -102,6 +102,7 @@ def test_a_broken_image_is_caught(chromium, sim_report, tmp_path) -> None:
     dom, _ = load(chromium, page)
     state = body(dom)
     assert int(state["figures-rendered"]) == int(state["figures"]) - 1
+    assert state.get("errors") == "1"  # the failed load is counted too
     assert re.findall(r'data-rendered="(\w+)"', dom)[0] == "no"
 
 
@@ -114,6 +115,7 @@ def test_outside_resources_and_script_errors_are_caught(chromium, sim_report, tm
     page.write_text(sim_report.read_text().replace("</body>", insert + "</body>"))
     dom, console = load(chromium, page)
     assert any(expect in line for line in console), console
+    assert body(dom).get("errors") == "1"
 
 
 # ------------------------------------------------------------------------------------------- content

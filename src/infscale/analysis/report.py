@@ -44,12 +44,16 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; white-space: pre-wr
 """
 
 # Runs on load: did every figure render? A broken data URI leaves naturalWidth at 0; an inline SVG without a box
-# has no size. The results go into DOM attributes that `chromium --dump-dom` shows.
+# has no size; script errors and failed loads are counted (data-errors). The results go into DOM attributes that
+# `chromium --dump-dom` shows.
 CHECK_SCRIPT = """
-window.addEventListener('error', function (event) {
-  document.body.dataset.jsErrors = String(Number(document.body.dataset.jsErrors || 0) + 1);
-});
+var errors = 0;
+window.addEventListener('error', function () {
+  errors += 1;
+  if (document.body) { document.body.dataset.errors = String(errors); }
+}, true);
 window.addEventListener('load', function () {
+  if (errors) { document.body.dataset.errors = String(errors); }
   var figures = document.querySelectorAll('figure[data-figure]');
   var rendered = 0;
   figures.forEach(function (figure) {
@@ -131,7 +135,7 @@ def _provenance_section(cells: pl.DataFrame, config_hash: str, cells_config_hash
                         provenance: dict[str, object], notes: str | None) -> list[str]:
     ok = cells.filter(pl.col("status") == "ok")
     statuses = Counter(cells.get_column("status").to_list())
-    predicted = ok.get_column("predicted").fill_null(ok.get_column("backend") == "sim")
+    predicted = ok.select(pl.col("predicted").fill_null(pl.col("backend") == "sim")).to_series()
     hash_note = config_hash
     if cells_config_hash and cells_config_hash != config_hash:
         hash_note = f"{config_hash} (the merged cells were written under {cells_config_hash})"
