@@ -140,13 +140,17 @@ def _prepare(cells: pl.DataFrame) -> pl.DataFrame:
     if ok.is_empty():
         return ok
     dtypes = ok.group_by("model").agg(pl.col("weight_dtype").n_unique().alias("dtypes"))
-    ok = ok.join(dtypes, on="model", how="left").with_columns(
+    # names per distinct layout, not per row: a Python call per row costs most of a second on a large campaign
+    layouts = ok.select("layout", "dp", "tp", "pp").unique().sort("layout")
+    names = layouts.with_columns(
+        pl.Series("short", [short_layout(name) for name in layouts.get_column("layout")], dtype=pl.String),
+        pl.Series("family", [_family(*degrees) for degrees in layouts.select("dp", "tp", "pp").iter_rows()],
+                  dtype=pl.String))
+    ok = ok.join(dtypes, on="model", how="left").join(names, on=["layout", "dp", "tp", "pp"], how="left",
+                                                      nulls_equal=True).with_columns(
         pl.when(pl.col("dtypes") > 1).then(pl.col("model") + " " + pl.col("weight_dtype")).otherwise(pl.col("model"))
         .alias("series"),
         pl.col("predicted").fill_null(pl.col("backend") == "sim").alias("predicted_point"),
-        pl.col("layout").map_elements(short_layout, return_dtype=pl.String).alias("short"),
-        pl.struct("dp", "tp", "pp").map_elements(lambda r: _family(r["dp"], r["tp"], r["pp"]),
-                                                 return_dtype=pl.String).alias("family"),
     )
     return ok.sort("series", "gpus", "layout", "workload", "isl_max", "osl_max", "arrival", "cell_id")
 
@@ -210,6 +214,11 @@ def _points(ax, x, y, predicted, style: dict[str, object], size: float = 5.0) ->
 
 
 def _line(ax, x, y, predicted, style: dict[str, object]) -> None:
+    predicted = np.asarray(predicted, dtype=bool)
+    if predicted.all() or not predicted.any():  # one artist for line and markers: the usual case, and cheaper
+        ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], linewidth=1.2, marker=style["marker"],
+                markersize=5, markerfacecolor="none" if predicted.all() else style["color"])
+        return
     ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], linewidth=1.2)
     _points(ax, x, y, predicted, style)
 
