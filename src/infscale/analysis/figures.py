@@ -305,7 +305,8 @@ def _count(value: float) -> str:
 
 def _save(figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     png, svg = io.BytesIO(), io.BytesIO()
-    figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
+    # zlib level 1: a third of the default level's encoding time, files a little larger
+    figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
     # a constrained layout is settled by the first drawing; freezing it spares the SVG a second pass
     figure.set_layout_engine("none")
     figure.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
