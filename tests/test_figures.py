@@ -49,16 +49,19 @@ def test_sim_campaign_figures_through_the_cli(sim_results) -> None:
 
 def test_reference_figures_with_validation(tmp_path) -> None:
     """The measured 4×H100 cells (a copy: results/reference is never written): energy and predicted-vs-measured are
-    drawn; throughput against GPU count is not, as every cell there uses 4 GPUs."""
+    drawn; throughput against GPU count is not while every cell there uses 4 GPUs."""
     before = digests(REFERENCE)
     copy = tmp_path / "gpu-node"
     shutil.copytree(REFERENCE, copy)
     cells = pl.read_parquet(copy / "cells.parquet")
-    validation = read_validation(sorted(copy.glob("validation*.parquet")))
-    assert sorted(validation.get_column("predictor").unique()) == ["catalog", "h100-sxm.torch.2026-11-27"]
+    files = sorted(copy.glob("validation*.parquet"))
+    validation = read_validation(files)
+    predictors = sorted(validation.get_column("predictor").unique())
+    assert "catalog" in predictors and "h100-sxm.torch.2026-11-27" in predictors and len(predictors) == len(files)
     results = by_name(render_figures(cells, copy / "figures", fits=pl.read_parquet(copy / "fits.parquet"),
                                      validation=validation, title="gpu-node"))
-    assert "two or more GPU counts" in results["throughput_vs_gpus"].skipped
+    if cells.filter(pl.col("status") == "ok").get_column("gpus").n_unique() == 1:
+        assert "two or more GPU counts" in results["throughput_vs_gpus"].skipped
     for name in ALL[1:]:
         assert results[name].skipped is None, (name, results[name].skipped)
     assert digests(REFERENCE) == before and not (REFERENCE / "figures").exists()
@@ -90,7 +93,7 @@ def test_drawing_twice_gives_identical_files(tmp_path) -> None:
     # the same rows in another order give the same bytes
     render_figures(cells.reverse(), second, validation=validation.reverse(), title="twice")
     assert digests(first) == digests(second)
-    assert len([n for n in digests(first) if n.endswith(".png")]) == 6
+    assert len([n for n in digests(first) if n.endswith(".png")]) >= 6
     svg = (first / "latency.svg").read_text()
     assert "<dc:date>" not in svg and "Matplotlib v" not in svg  # no date, no version in the files
 

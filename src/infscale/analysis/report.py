@@ -149,7 +149,7 @@ def _provenance_section(cells: pl.DataFrame, config_hash: str, cells_config_hash
         ("hardware", _values(cells, "hardware")),
         ("GPUs (as the cells report them)", _values(ok, "gpu_name") or "none reported (predicted cells)"),
         ("models", _values(cells, "model")),
-        ("measured from – to (UTC)", f"{started.min()} – {ended.max()}" if started.len() else "—"),
+        ("cells run from – to (UTC)", f"{started.min()} – {ended.max()}" if started.len() else "—"),
     ]
     for key, label in (("git_commit", "infscale git commits"), ("infscale_version", "infscale versions"),
                        ("hostname", "hosts"), ("python", "Python")):
