@@ -5,10 +5,12 @@ demo:  ## set up .venv and run the demo campaign (sim backend, local executor); 
 	scripts/setup-venv.sh
 	.venv/bin/snakemake --profile profiles/local --config campaign=config/demo.yaml
 
-test:  ## set up .venv (with torch's CPU build) and a private local Slurm cluster, then run every test (none may skip)
+test:  ## set up .venv (with torch's CPU build), chromium and a private local Slurm cluster, then run every test (none may skip)
 	scripts/setup-venv.sh test,torch
+	bash scripts/install-chromium.sh
 	bash scripts/local-slurm.sh up
-	INFSCALE_REQUIRE_SLURM=1 INFSCALE_REQUIRE_TORCH=1 INFSCALE_REQUIRE_TRITON=1 .venv/bin/python -m pytest -q
+	INFSCALE_REQUIRE_SLURM=1 INFSCALE_REQUIRE_TORCH=1 INFSCALE_REQUIRE_TRITON=1 INFSCALE_REQUIRE_CHROMIUM=1 \
+		.venv/bin/python -m pytest -q
 
 test-quick:  ## the tests that need no Slurm cluster
 	scripts/setup-venv.sh test,torch

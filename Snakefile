@@ -1,5 +1,6 @@
 # infscale campaign DAG: plan -> [engine: trtllm engine flow] -> bench (one job per layout group, or per model
-# locally) -> merge + summary -> fit -> claims; `ae_bundle` (not in `all`) packs it for artifact evaluation.
+# locally) -> merge + summary -> fit -> claims, figures -> report (report.html, the last rule); `ae_bundle`
+# (not in `all`) packs it all for artifact evaluation.
 # Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
 # All logic lives in src/infscale; the rules only call the `infscale` command line.
 
@@ -34,6 +35,8 @@ rule all:
         CAMPAIGN.summary_file,
         CAMPAIGN.fits_file,
         CAMPAIGN.claims_file,
+        CAMPAIGN.figures_manifest,
+        CAMPAIGN.report_file,
 
 
 onsuccess:

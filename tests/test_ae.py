@@ -162,9 +162,10 @@ def test_regenerate_from_the_unpacked_tarball_reproduces_the_tables_exactly(gpu_
     bundle = tmp_path / "gpu-node-ae"
     result = regenerate(bundle)
     assert result.ok, result.lines()
-    assert [c.name for c in result.checks] == ["cells.parquet", "fits.parquet", "claims.parquet", "summary.md",
-                                              "claims.md"]
-    assert [name for name, _ in result.steps] == ["merge", "fits", "claims"]
+    names = [c.name for c in result.checks]
+    assert names[:5] == ["cells.parquet", "fits.parquet", "claims.parquet", "summary.md", "claims.md"]
+    assert "report.html" in names and any(n.startswith("figures/") for n in names)
+    assert [name for name, _ in result.steps] == ["merge", "fits", "claims", "figures", "report"]
     assert (bundle / "regenerated" / "results" / "gpu-node" / "claims.parquet").is_file()
     assert verify_bundle(bundle).ok          # regenerated/ is not part of the bundle, the originals untouched
     assert regenerate(bundle).ok             # a second run replaces its own earlier output
@@ -346,15 +347,21 @@ def test_pixel_tolerance_of_regenerated_figures(tmp_path: Path) -> None:
     assert "size 400×300 vs 500×300" in compare_png(a, bigger).reason
 
 
-def test_regenerate_checks_bundled_figures(gpu_bundle: Path, tmp_path: Path) -> None:
-    """Until the figures step is wired in, a bundled figure is reported as not regenerated (not silently passed)."""
+def test_regenerate_redraws_the_bundled_figures_and_report(gpu_bundle: Path, tmp_path: Path) -> None:
+    """The committed campaign's figures and report are bundled; regenerate redraws each figure within the pixel
+    tolerance (here identical: the drawing is deterministic) and rewrites the report. A bundled figure that the
+    data does not give (here: one replaced by another picture) is reported, not passed."""
     bundle = copy_bundle(gpu_bundle, tmp_path)
-    figures = bundle / "results" / "gpu-node" / "figures"
-    figures.mkdir()
-    (figures / "C1-ratio.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    figures = sorted((bundle / "results" / "gpu-node" / "figures").glob("*.png"))
+    assert len(figures) >= 5 and (bundle / "results" / "gpu-node" / "report.html").is_file()
     result = regenerate(bundle)
-    (check,) = [c for c in result.checks if c.name == "figures/C1-ratio.png"]
-    assert not check.ok and "not regenerated" in check.detail
+    assert result.ok, result.lines()
+    assert [name for name, _ in result.steps] == ["merge", "fits", "claims", "figures", "report"]
+    checked = {c.name: c for c in result.checks}
+    assert {f"figures/{f.name}" for f in figures} <= set(checked) and checked["report.html"].ok
+    shutil.copy2(figures[1], figures[0])  # a different picture under the first figure's name
+    (check,) = [c for c in regenerate(bundle).checks if c.name == f"figures/{figures[0].name}"]
+    assert not check.ok and "DIFFERENT" in check.detail
 
 
 # ------------------------------------------------------------------------------------------------ Snakemake

@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "claims.parquet and claims.md")
     _campaign_args(claims)
 
+    figures = commands.add_parser("figures", help="draw the campaign's figures (PNG + SVG) into "
+                                  "results/<campaign>/figures/, with figures.json listing them")
+    _campaign_args(figures)
+
+    report = commands.add_parser("report", help="write results/<campaign>/report.html: figures, summary, claims, "
+                                 "fits and provenance in one self-contained file")
+    _campaign_args(report)
+    report.add_argument("--out", type=Path, help="where to write the report (default: results/<campaign>/report.html)")
+
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
     _campaign_args(validate)
@@ -310,6 +319,35 @@ def cmd_claims(args: argparse.Namespace) -> int:
     if merged is None:
         return 1
     print(write_claims(run, merged))
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from infscale.pipeline import write_figures
+
+    run = _campaign_run(args)
+    merged = _read_merged(run)
+    if merged is None:
+        return 1
+    results = write_figures(run, merged)
+    drawn = [r.name for r in results if not r.skipped]
+    print(f"{len(drawn)} figures in {run.figures_dir}: {', '.join(drawn) or 'none'}")
+    for result in results:
+        if result.skipped:
+            print(f"  {result.name} not drawn: {result.skipped}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from infscale.analysis.report import write_report
+
+    run = _campaign_run(args)
+    try:
+        path = write_report(run, args.out)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"report written to {path}")
     return 0
 
 
@@ -711,7 +749,7 @@ COMMANDS = {
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
     "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend, "ae": cmd_ae,
-    "extrapolate": cmd_extrapolate,
+    "extrapolate": cmd_extrapolate, "figures": cmd_figures, "report": cmd_report,
 }
 
 if __name__ == "__main__":

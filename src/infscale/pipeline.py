@@ -54,6 +54,23 @@ class CampaignRun:
     def claims_file(self) -> Path:
         return self.results_dir / "claims.parquet"
 
+    @property
+    def figures_dir(self) -> Path:
+        return self.results_dir / "figures"
+
+    @property
+    def figures_manifest(self) -> Path:
+        """Written last by `infscale figures`: the figures drawn and why the others were skipped."""
+        return self.figures_dir / "figures.json"
+
+    @property
+    def report_file(self) -> Path:
+        return self.results_dir / "report.html"
+
+    def validation_files(self) -> list[Path]:
+        """`infscale validate`'s tables (one per hardware profile predicted with), if any."""
+        return sorted(self.results_dir.glob("validation*.parquet"))
+
     def job_summary(self, job: str) -> Path:
         """Written by the bench job when all its cells are done: their summary rows."""
         return self.results_dir / "bench" / f"{job}.parquet"
@@ -140,3 +157,16 @@ def write_claims(run: CampaignRun, merged) -> str:
     text = claims_markdown(verdicts, run.campaign.name)
     write_text_atomic(run.claims_file.with_suffix(".md"), text)
     return text
+
+
+def write_figures(run: CampaignRun, merged) -> list:  # -> list[analysis.figures.FigureResult]
+    """Draw the campaign's figures into `figures/` (with `figures.json`); returns what was drawn or skipped.
+    No fits.parquet: the figures fit their USL curves themselves, so the workflow draws them while `fit` runs."""
+    from infscale.analysis.figures import read_validation, render_figures
+
+    campaign = run.campaign
+    kind = "predicted" if campaign.spec.backend == "sim" else "measured"
+    params = {arch.name: float(arch.param_counts().total) for arch in campaign.models.values()}
+    return render_figures(merged, run.figures_dir, validation=read_validation(run.validation_files()),
+                          title=f"campaign {campaign.name}: {campaign.spec.backend} backend on "
+                                f"{campaign.hardware.name} ({kind})", model_params=params)

@@ -1,7 +1,9 @@
 """`infscale ae regenerate BUNDLE`: rebuild the derived files from the bundle alone (no GPU), then diff them.
 
-The bundled cell files are the input. The steps are the workflow's own (`pipeline.write_merge`, `write_fits`,
-`write_claims`: what `infscale merge`, `fit` and `claims` run), in the order of `STEPS`, writing into
+The bundled cell files are the input (with the validation tables and PROVENANCE.md, which the figures and the
+report show but the workflow does not make). The steps are the workflow's own (`pipeline.write_merge`,
+`write_fits`, `write_claims`, `write_figures`, `analysis.report.write_report`: what `infscale merge`, `fit`,
+`claims`, `figures` and `report` run), in the order of `STEPS`, writing into
 `<bundle>/regenerated/` (or `--out`), never over the bundled originals. The regenerated tables must equal the
 bundled ones exactly; figures must be identical or within the pixel tolerance of `ae.images`.
 """
@@ -24,6 +26,7 @@ MARKER = ".infscale-regenerated"      # marks an --out directory as ours, so a s
 TABLES = ("cells.parquet", "fits.parquet", "claims.parquet")     # exact equality
 TEXTS = ("summary.md", "claims.md")                              # byte equality
 INPUTS = ("cells", "failures")                                   # what the steps read: the measured files
+INPUT_FILES = ("validation*.parquet", "PROVENANCE.md")           # read by figures and report, made by hand
 
 
 @dataclass
@@ -72,15 +75,25 @@ def _step_claims(run) -> None:
     write_claims(run, pl.read_parquet(run.merged_file))
 
 
-# The regeneration, in order. FIGURES + REPORT: after the figures/report branch is merged, append
-#   ("figures", _step_figures) and ("report", _step_report)
-# here, with _step_figures calling infscale.analysis.figures.render_figures(merged, run.figures_dir, fits=...,
-# validation=..., title=...) and _step_report calling infscale.analysis.report.write_report(run); `_checks` below
-# already compares every bundled `figures/*.png` and reports `report.html`.
+def _step_figures(run) -> None:
+    from infscale.pipeline import write_figures
+
+    write_figures(run, pl.read_parquet(run.merged_file))
+
+
+def _step_report(run) -> None:
+    from infscale.analysis.report import write_report
+
+    write_report(run)
+
+
+# The regeneration, in order (the workflow's rules from merge to report).
 STEPS: list[tuple[str, Callable[[object], None]]] = [
     ("merge", _step_merge),
     ("fits", _step_fits),
     ("claims", _step_claims),
+    ("figures", _step_figures),
+    ("report", _step_report),
 ]
 
 
@@ -112,8 +125,7 @@ def _checks(bundled: Path, regenerated: Path) -> list[Check]:
         rel = png.relative_to(bundled).as_posix()
         new = regenerated / rel
         if not new.is_file():
-            checks.append(Check(rel, False, "DIFFERENT: not regenerated (figures are wired in after the figures "
-                                "module is merged)"))
+            checks.append(Check(rel, False, "DIFFERENT: not regenerated"))
             continue
         diff = compare_png(png, new)
         checks.append(Check(rel, diff.within, diff.line().split(": ", 1)[1]))
@@ -148,6 +160,9 @@ def regenerate(bundle: Path, out: Path | None = None) -> Regeneration:
     for name in INPUTS:
         if (bundled / name).is_dir():
             shutil.copytree(bundled / name, run.results_dir / name)
+    for pattern in INPUT_FILES:
+        for path in sorted(bundled.glob(pattern)):
+            shutil.copy2(path, run.results_dir / path.name)
     result = Regeneration(run.results_dir)
     for name, step in STEPS:
         started = time.perf_counter()

@@ -143,6 +143,21 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write a small binary file (a figure) complete or not at all, replacing an older one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """Schema version, provenance and cell spec of a result file (checks the version)."""
     raw = pq.read_schema(path).metadata or {}

@@ -1,0 +1,738 @@
+"""The figures of a campaign (`results/<campaign>/figures/`): PNG and SVG of each, drawn from the merged cells.
+
+- `throughput_vs_gpus`: output tokens/s against the GPU count per strategy family, per model, with the family's
+  USL fit dashed (from `fits` when given, else fitted here exactly as fits.py does);
+- `reasoning_cliff`: output tokens/s per GPU against the output length per layout, per model;
+- `kv_capacity`: KV-cache capacity per replica and the layout's maximum concurrency, model × layout tables;
+- `best_layout`: the best layout at each model's single-node GPU count, over model size × workload;
+- `latency`: TTFT and TPOT, p50 and p99, per layout, per model;
+- `energy`: energy per output token per layout and output length (measured backends only);
+- `predicted_vs_measured`: the sim's predictions against measured cells (from `infscale validate`'s tables).
+
+A figure whose data is missing is not drawn; its `FigureResult.skipped` says why. Points from predicted rows (the
+`sim` backend) are drawn hollow, measured ones filled, and each panel says which it shows. Per-model panels compare
+the layouts of the model's largest single-node GPU count (as summary.md does).
+
+The files are deterministic (the artifact evaluation regenerates and compares them byte for byte): fixed size,
+DPI, fonts and SVG id salt, no dates or software versions in the metadata, every input sorted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from infscale.results.io import write_bytes_atomic, write_text_atomic
+
+DPI = 100
+PANEL = (3.0, 2.1)           # inches per panel (the axes alone)
+MANIFEST = "figures.json"
+# Okabe & Ito's colour-blind-safe palette, yellow last (weak on white paper); markers tell series apart in grey
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LINESTYLES = ["-", "--", ":", "-."]
+FAMILIES = ["single", "dp", "tp", "pp", "tp×dp", "pp×dp", "tp×pp", "tp×pp×dp"]
+RC = {
+    "svg.hashsalt": "infscale",       # fixed ids in the SVG
+    "svg.fonttype": "none",           # text as text: half the time of glyph paths, and searchable
+    "font.family": "DejaVu Sans",     # shipped with matplotlib
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.grid": True,
+    "axes.grid.which": "major",
+    "grid.alpha": 0.3,
+    "savefig.dpi": DPI,
+    "path.simplify": False,
+}
+PREDICTED_NOTE = "hollow markers: predicted (sim); filled: measured"
+
+
+@dataclass(frozen=True)
+class FigureResult:
+    name: str
+    caption: str
+    png: Path | None = None
+    svg: Path | None = None
+    skipped: str | None = None      # why the figure was not drawn
+
+    def manifest_entry(self) -> dict[str, object]:
+        return {"name": self.name, "caption": self.caption, "png": self.png.name if self.png else None,
+                "svg": self.svg.name if self.svg else None, "skipped": self.skipped}
+
+
+class Skip(Exception):
+    """Raised by a figure function when the data has no rows for it; the message says why."""
+
+
+def render_figures(cells: pl.DataFrame, out_dir: Path, *, fits: pl.DataFrame | None = None,
+                   validation: pl.DataFrame | None = None, title: str,
+                   model_params: dict[str, float] | None = None) -> list[FigureResult]:
+    """Draw every figure into `out_dir` (PNG + SVG each) and write `figures.json` listing them, with the reason for
+    each one skipped. `validation`: rows of `infscale validate`'s tables, optionally with a `predictor` column
+    (which prediction they hold, e.g. the hardware profile); `model_params`: total parameters per model (for the
+    best-layout map's order; else the catalog's, else the weights' size)."""
+    out_dir = Path(out_dir)
+    prepared = _prepare(cells)
+    data = {"ok": prepared.filter(pl.col("status") == "ok"), "fits": fits, "validation": validation,
+            "model_params": model_params,
+            # the plan's capacity columns hold for every feasible cell, measured yet or not
+            "planned": prepared.filter((pl.col("status") != "infeasible") & (pl.col("kv_capacity_tokens") > 0))}
+    results = [_render_one(name, data, title, out_dir) for name, *_ in FIGURES]
+    manifest = {"title": title, "figures": [r.manifest_entry() for r in results]}
+    write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return results
+
+
+def _render_one(name: str, data: dict[str, object], title: str, out_dir: Path) -> FigureResult:
+    import matplotlib
+
+    _, headline, caption, draw = next(entry for entry in FIGURES if entry[0] == name)
+    with matplotlib.rc_context(RC):
+        try:
+            if data["ok"].is_empty() and name not in ("kv_capacity", "predicted_vs_measured"):
+                raise Skip("no cell has been measured or predicted yet (no row with status ok)")
+            figure = draw(**data)
+        except Skip as why:
+            _remove(out_dir, name)  # a figure drawn from older data must not outlive it
+            return FigureResult(name, caption, skipped=str(why))
+        if figure.get_layout_engine() is None:  # fixed margins (_grid) leave the top 0.75 in to the title
+            figure.suptitle(f"{title}\n{headline}", fontsize=10, y=1 - 0.08 / figure.get_figheight(), va="top")
+        else:
+            figure.suptitle(f"{title}\n{headline}", fontsize=10)
+        return FigureResult(name, caption, *_save(figure, out_dir, name))
+
+
+def read_manifest(out_dir: Path) -> list[FigureResult] | None:
+    """The figures `render_figures` wrote into `out_dir` (None when it has not run there)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    entries = json.loads(path.read_text())["figures"]
+    return [FigureResult(e["name"], e["caption"], Path(out_dir) / e["png"] if e["png"] else None,
+                         Path(out_dir) / e["svg"] if e["svg"] else None, e["skipped"]) for e in entries]
+
+
+def read_validation(paths: list[Path]) -> pl.DataFrame | None:
+    """`infscale validate`'s tables as one, with a `predictor` column naming what predicted: `catalog` for
+    validation.parquet, the hardware profile for validation.<profile>.parquet. None when there is none."""
+    frames = []
+    for path in sorted(Path(p) for p in paths):
+        predictor = path.name.removeprefix("validation").removesuffix(".parquet").lstrip(".") or "catalog"
+        frames.append(pl.read_parquet(path).with_columns(pl.lit(predictor).alias("predictor")))
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+# ------------------------------------------------------------------------------------------- shared pieces
+
+
+def _prepare(cells: pl.DataFrame) -> pl.DataFrame:
+    """The cells, sorted, with a `series` label (model, plus the weights' dtype when a model has several), a
+    `predicted_point` flag (the `predicted` column; a null there counts as predicted for the sim backend), the
+    compact layout name and the strategy family. Callers pick the statuses they draw."""
+    ok = cells
+    if ok.is_empty():
+        return ok
+    dtypes = ok.group_by("model").agg(pl.col("weight_dtype").n_unique().alias("dtypes"))
+    # names per distinct layout, not per row: a Python call per row costs most of a second on a large campaign
+    layouts = ok.select("layout", "dp", "tp", "pp").unique().sort("layout")
+    names = layouts.with_columns(
+        pl.Series("short", [short_layout(name) for name in layouts.get_column("layout")], dtype=pl.String),
+        pl.Series("family", [_family(*degrees) for degrees in layouts.select("dp", "tp", "pp").iter_rows()],
+                  dtype=pl.String))
+    ok = ok.join(dtypes, on="model", how="left").join(names, on=["layout", "dp", "tp", "pp"], how="left",
+                                                      nulls_equal=True).with_columns(
+        pl.when(pl.col("dtypes") > 1).then(pl.col("model") + " " + pl.col("weight_dtype")).otherwise(pl.col("model"))
+        .alias("series"),
+        pl.col("predicted").fill_null(pl.col("backend") == "sim").alias("predicted_point"),
+    )
+    return ok.sort("series", "gpus", "layout", "workload", "isl_max", "osl_max", "arrival", "cell_id")
+
+
+def _family(dp: int, tp: int, pp: int) -> str:
+    from infscale.analysis.fits import family
+
+    return family(dp, tp, pp)
+
+
+def short_layout(layout: str) -> str:
+    """'dp4tp1pp1' -> 'dp4', 'dp1tp2pp2' -> 'tp2pp2', 'dp1tp1pp1' -> '1 GPU' (degrees of 1 left out)."""
+    parts, name = [], layout
+    for prefix in ("dp", "tp", "pp", "ep"):
+        if not name.startswith(prefix):
+            continue
+        digits = ""
+        name = name[len(prefix):]
+        while name and name[0].isdigit():
+            digits, name = digits + name[0], name[1:]
+        if digits and digits != "1":
+            parts.append(f"{prefix}{digits}")
+    return "".join(parts) + name if parts or name else "1 GPU"
+
+
+def _node_gpus(rows: pl.DataFrame) -> int:
+    """The largest GPU count of single-node cells (else the smallest count): where the summary compares layouts."""
+    single = rows.filter(pl.col("nodes") == 1)
+    return int(single.get_column("gpus").max()) if single.height else int(rows.get_column("gpus").min())
+
+
+def _kind(rows: pl.DataFrame) -> str:
+    flags = set(rows.get_column("predicted_point").to_list())
+    return "mixed" if len(flags) > 1 else ("predicted" if flags == {True} else "measured")
+
+
+def _workload_label(row: dict) -> str:
+    arrival = "" if row["arrival"] in ("off", "offline") else f", {row['arrival']}"
+    return f"{row['workload']} {row['isl']}/{row['osl']}{arrival}"
+
+
+def _title(ax, series: str, row: dict, kind: str, gpus: bool = True, osl: bool = True) -> None:
+    """Two lines: the model, then what the panel holds (GPU count, workload, measured or predicted)."""
+    parts = [f"{int(row['gpus'])} GPUs"] if gpus else []
+    parts.append(_workload_label(row) if osl else f"{row['workload']} ISL {row['isl']}")
+    ax.set_title(f"{series}\n{', '.join(parts)} ({kind})")
+
+
+def _style(index: int) -> dict[str, object]:
+    return {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": LINESTYLES[(index // len(PALETTE)) % len(LINESTYLES)]}
+
+
+def _points(ax, x, y, predicted, style: dict[str, object], size: float = 5.0) -> None:
+    """Markers filled for measured points, hollow for predicted ones (no line)."""
+    x, y, predicted = np.asarray(x), np.asarray(y), np.asarray(predicted, dtype=bool)
+    for mask, face in ((~predicted, style["color"]), (predicted, "none")):
+        if mask.any():
+            ax.plot(x[mask], y[mask], linestyle="none", marker=style["marker"], markersize=size,
+                    markerfacecolor=face, markeredgecolor=style["color"])
+
+
+def _line(ax, x, y, predicted, style: dict[str, object]) -> None:
+    predicted = np.asarray(predicted, dtype=bool)
+    if predicted.all() or not predicted.any():  # one artist for line and markers: the usual case, and cheaper
+        ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], linewidth=1.2, marker=style["marker"],
+                markersize=5, markerfacecolor="none" if predicted.all() else style["color"])
+        return
+    ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], linewidth=1.2)
+    _points(ax, x, y, predicted, style)
+
+
+def _legend_handles(labels: list[str], styles: dict[str, dict], kinds: set[str]) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=styles[label]["color"], linestyle=styles[label]["linestyle"],
+                      marker=styles[label]["marker"], markersize=5, label=label) for label in labels]
+    return handles + _kind_handles(kinds)
+
+
+def _kind_handles(kinds: set[str]) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = []
+    if kinds & {"measured", "mixed"}:
+        handles.append(Line2D([], [], color="#555555", linestyle="none", marker="o", label="measured"))
+    if kinds & {"predicted", "mixed"}:
+        handles.append(Line2D([], [], color="#555555", linestyle="none", marker="o", markerfacecolor="none",
+                              label="predicted (sim)"))
+    return handles
+
+
+def _grid(panels: int, columns: int, legend_rows: int = 0, rotated_ticks: bool = False, title_lines: int = 2):
+    """`panels` axes of a fixed size in rows of `columns`, with fixed margins in inches (matplotlib's constrained
+    layout would measure every label again and double the drawing time)."""
+    from matplotlib.figure import Figure
+
+    columns = max(1, min(columns, panels))
+    rows = math.ceil(panels / columns)
+    width, height = PANEL
+    left, right, wspace = 0.85, 0.2, 0.85             # y tick labels and label
+    titles = 0.2 * title_lines + 0.05                 # the panels' titles
+    top = 0.75 + titles                               # the figure's two-line title above them
+    below = 0.55 + (0.45 if rotated_ticks else 0.0)   # x tick labels and label
+    hspace = below + titles + 0.05
+    bottom = below + 0.15 + 0.2 * legend_rows
+    figure_width = left + columns * width + (columns - 1) * wspace + right
+    figure_height = top + rows * height + (rows - 1) * hspace + bottom
+    figure = Figure(figsize=(figure_width, figure_height))
+    grid = figure.add_gridspec(rows, columns, left=left / figure_width, right=1 - right / figure_width,
+                               top=1 - top / figure_height, bottom=bottom / figure_height,
+                               wspace=wspace / width, hspace=hspace / height)
+    axes = [figure.add_subplot(grid[i // columns, i % columns]) for i in range(panels)]
+    return figure, axes
+
+
+def _legend(figure, handles: list, columns: int = 6) -> None:
+    if figure.get_layout_engine() is None:
+        figure.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.01),
+                      ncols=min(columns, max(1, len(handles))), fontsize=8, frameon=False)
+    else:
+        figure.legend(handles=handles, loc="outside lower center", ncols=min(columns, max(1, len(handles))),
+                      fontsize=8, frameon=False)
+
+
+def _log2_axis(ax, values) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ticks = sorted({int(v) for v in values})
+    _log(ax, "x", 2)
+    ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)  # markers at the ends stay whole
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([_count(t) for t in ticks])
+
+
+def _log(ax, axis: str = "y", base: float = 10) -> None:
+    """A log scale with plain tick labels: matplotlib's default 10^k labels go through mathtext, which costs a
+    second per figure on a small machine."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
+
+    getattr(ax, f"set_{axis}scale")("log", base=base)
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(FuncFormatter(lambda value, _: _count(value) if base == 2 else f"{value:,.6g}"))
+    target.set_minor_locator(NullLocator())  # minor ticks cost time and say little here
+    target.set_minor_formatter(NullFormatter())
+
+
+def _count(value: float) -> str:
+    return f"{value / 1024:g}K" if value >= 1024 and value % 1024 == 0 else f"{value:g}"
+
+
+def _save(figure, out_dir: Path, name: str) -> tuple[Path, Path]:
+    png, svg = io.BytesIO(), io.BytesIO()
+    # zlib level 1: a third of the default level's encoding time, files a little larger
+    figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
+    # a constrained layout is settled by the first drawing; freezing it spares the SVG a second pass
+    figure.set_layout_engine("none")
+    figure.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
+    return (write_bytes_atomic(out_dir / f"{name}.png", png.getvalue()),
+            write_bytes_atomic(out_dir / f"{name}.svg", svg.getvalue()))
+
+
+def _remove(out_dir: Path, name: str) -> None:
+    for suffix in (".png", ".svg"):
+        (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def _best_group(rows: pl.DataFrame, keys: list[str], score: Callable[[pl.DataFrame], tuple]) -> pl.DataFrame:
+    """The rows of the group (by `keys`) with the highest score; ties go to the first group in sorted order."""
+    best, best_score = None, None
+    for _, group in sorted(rows.group_by(keys), key=lambda item: tuple(str(v) for v in item[0])):
+        value = score(group)
+        if best_score is None or value > best_score:
+            best, best_score = group, value
+    return best
+
+
+WORKLOAD = ["weight_dtype", "workload", "isl", "osl", "arrival"]
+
+
+# ------------------------------------------------------------------------------------------- the figures
+
+
+def throughput_vs_gpus(ok: pl.DataFrame, fits: pl.DataFrame | None = None, **_) -> object:
+    if fits is not None and {"law", "x", "family", "model", *WORKLOAD} <= set(fits.columns):
+        fits = fits.filter((pl.col("law") == "usl") & (pl.col("x") == "gpus"))
+    else:
+        fits = None
+    panels = []
+    for series in ok.get_column("series").unique().sort().to_list():
+        rows = ok.filter(pl.col("series") == series)
+        group = _best_group(rows, WORKLOAD, lambda g: (g.get_column("gpus").n_unique(), g.height,
+                                                       g.get_column("osl_max")[0]))
+        if group.get_column("gpus").n_unique() >= 2:
+            panels.append((series, group))
+    if not panels:
+        raise Skip("no model has cells of one workload at two or more GPU counts")
+    families = sorted({f for _, g in panels for f in g.get_column("family").unique().to_list()} - {"single"},
+                      key=lambda f: (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f))
+    styles = {f: _style(i + 1) for i, f in enumerate(families)}
+    figure, axes = _grid(len(panels), 4, legend_rows=1)
+    kinds, fitted = set(), False
+    for ax, (series, group) in zip(axes, panels):
+        single = group.filter(pl.col("gpus") == 1)
+        for fam in families:
+            points = group.filter(pl.col("family") == fam)
+            if points.is_empty():
+                continue
+            if "×" not in fam:  # the pure families share the 1-GPU point (as in fits.py)
+                points = pl.concat([single, points])
+            best = points.sort("output_tok_s", descending=True).unique("gpus", keep="first").sort("gpus")
+            _line(ax, best["gpus"], best["output_tok_s"], best["predicted_point"], styles[fam])
+            kinds.add(_kind(best))
+            fitted |= _usl_curve(ax, fits, group.row(0, named=True), fam, best, styles[fam])
+        _log2_axis(ax, group.get_column("gpus").to_list())
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("output throughput (tokens/s)")
+        _title(ax, series, group.row(0, named=True), _kind(group), gpus=False)
+    handles = _legend_handles(families, styles, kinds)
+    if fitted:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="#555555", linewidth=0.8, linestyle=(0, (4, 2)), label="USL fit"))
+    _legend(figure, handles, 8)
+    return figure
+
+
+def _usl_curve(ax, fits: pl.DataFrame | None, where: dict, fam: str, points: pl.DataFrame, style: dict) -> bool:
+    """The family's USL curve: from `fits` where given, else fitted here on the same points as fits.py fits (its
+    point estimate does not depend on the bootstrap), so the figures need not wait for `infscale fit`."""
+    from infscale.analysis.fits import fit_law, usl
+
+    if points.height < 3:
+        return False
+    if fits is not None:
+        match = fits.filter((pl.col("family") == fam)
+                            & pl.all_horizontal([pl.col(k) == where[k] for k in ("model", *WORKLOAD)]))
+        if match.is_empty():
+            return False
+        params = [match.row(0, named=True)[f"p{i}"] for i in range(3)]
+    else:
+        fit = fit_law("usl", points.get_column("gpus").to_numpy(), points.get_column("output_tok_s").to_numpy(),
+                      bootstrap=0)
+        if fit is None:
+            return False
+        params = [fit["lambda"], fit["sigma"], fit["kappa"]]
+    n = np.geomspace(float(points.get_column("gpus").min()), float(points.get_column("gpus").max()), 40)
+    ax.plot(n, usl(n, *params), color=style["color"], linewidth=0.8, linestyle=(0, (4, 2)))
+    return True
+
+
+def reasoning_cliff(ok: pl.DataFrame, **_) -> object:
+    panels = []
+    for series in ok.get_column("series").unique().sort().to_list():
+        rows = ok.filter(pl.col("series") == series)
+        rows = rows.filter(pl.col("gpus") == _node_gpus(rows))
+        group = _best_group(rows, ["weight_dtype", "workload", "isl", "arrival"],
+                            lambda g: (g.get_column("osl_max").n_unique(), g.height))
+        if group.get_column("osl_max").n_unique() >= 2:
+            panels.append((series, group))
+    if not panels:
+        raise Skip("no layout has cells at two or more output lengths (OSL) of one workload")
+    layouts = sorted({s for _, g in panels for s in g.get_column("short").unique().to_list()})
+    styles = {s: _style(i) for i, s in enumerate(layouts)}
+    figure, axes = _grid(len(panels), 4, legend_rows=math.ceil(len(layouts) / 8))
+    kinds = set()
+    for ax, (series, group) in zip(axes, panels):
+        for layout in sorted(group.get_column("short").unique().to_list()):
+            line = group.filter(pl.col("short") == layout).sort("osl_max")
+            _line(ax, line["osl_max"], line["output_tok_s_per_gpu"], line["predicted_point"], styles[layout])
+        kinds.add(_kind(group))
+        _log2_axis(ax, group.get_column("osl_max").to_list())
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("output length OSL (tokens)")
+        ax.set_ylabel("output tokens/s per GPU")
+        _title(ax, series, group.row(0, named=True), _kind(group), osl=False)
+    _legend(figure, _legend_handles(layouts, styles, kinds), 8)
+    return figure
+
+
+def kv_capacity(planned: pl.DataFrame, model_params: dict[str, float] | None = None, **_) -> object:
+    rows = planned
+    if rows.is_empty():
+        raise Skip("no feasible cell has a KV capacity (kv_capacity_tokens)")
+    sizes = _model_sizes(rows, model_params)
+    series_list = sorted(rows.get_column("series").unique().to_list(), key=lambda s: (sizes.get(s, math.inf), s))
+    capacity, concurrency, labels = {}, {}, []
+    for series in series_list:
+        cells = rows.filter(pl.col("series") == series)
+        gpus = _node_gpus(cells)
+        cells = cells.filter(pl.col("gpus") == gpus).with_columns(
+            (pl.col("isl_max") + pl.col("osl_max")).alias("length"))
+        longest = int(cells.get_column("length").max())
+        labels.append(f"{series}, {gpus} GPUs (ISL+OSL {_count(longest)})")
+        for row in cells.sort("short", "length").iter_rows(named=True):
+            held = None
+            if not row["predicted_point"] and row["kv_pool_blocks"]:  # what the measured engine held
+                held = row["kv_pool_blocks"] * row["kv_block_size"]
+            capacity[(series, row["short"])] = (row["kv_capacity_tokens"], held)
+            if row["length"] == longest:
+                concurrency[(series, row["short"])] = row["max_concurrency"]
+    layouts = sorted({layout for _, layout in capacity})
+    from matplotlib.figure import Figure
+
+    width = max(7.0, 0.62 * len(layouts) + 3.6)
+    figure = Figure(figsize=(width, 2 * (0.42 * len(series_list) + 1.3) + 1.0), layout="constrained")
+    top, bottom = figure.subplots(2, 1)
+    _heatmap(top, series_list, labels, layouts, {k: v[0] for k, v in capacity.items()},
+             {k: f"{_thousands(v[0])}" + (f"\n(held {_thousands(v[1])})" if v[1] and abs(v[1] / v[0] - 1) > 0.01
+                                         else "") for k, v in capacity.items()})
+    top.set_title("KV-cache capacity per replica, tokens (planned"
+                  f"{'; held: what the measured engine had' if any(v[1] for v in capacity.values()) else ''})")
+    _heatmap(bottom, series_list, labels, layouts, concurrency, {k: f"{v:,}" for k, v in concurrency.items()})
+    bottom.set_title("max concurrent sequences at the longest ISL+OSL (planned)")
+    for ax in (top, bottom):
+        ax.set_xlabel("layout")
+    return figure
+
+
+def _thousands(tokens: float) -> str:
+    return f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}K"
+
+
+def _heatmap(ax, series_list: list[str], labels: list[str], layouts: list[str], values: dict, texts: dict) -> None:
+    """A series × layout table coloured by the value (log scale, viridis: readable without colour vision)."""
+    from matplotlib.colors import LogNorm
+
+    grid = np.full((len(series_list), len(layouts)), np.nan)
+    for (series, layout), value in values.items():
+        if value:
+            grid[series_list.index(series), layouts.index(layout)] = value
+    finite = grid[np.isfinite(grid)]
+    norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max()) * 1.0001)
+    ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", norm=norm, aspect="auto", interpolation="nearest")
+    for (series, layout), text in sorted(texts.items()):
+        value = values.get((series, layout))
+        if value:
+            dark = norm(value) < 0.6
+            ax.text(layouts.index(layout), series_list.index(series), text, ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(layouts)), layouts, rotation=30, ha="right")
+    ax.set_yticks(range(len(series_list)), labels)
+    ax.grid(False)
+
+
+def best_layout(ok: pl.DataFrame, model_params: dict[str, float] | None = None, **_) -> object:
+    rows = []
+    for series in ok.get_column("series").unique().sort().to_list():
+        cells = ok.filter(pl.col("series") == series)
+        at_n = cells.filter(pl.col("gpus") == _node_gpus(cells))
+        for _, group in sorted(at_n.group_by(WORKLOAD[1:]), key=lambda item: tuple(str(v) for v in item[0])):
+            if group.get_column("layout").n_unique() < 2:
+                continue  # one layout is no choice
+            winner = group.sort(["output_tok_s", "layout"], descending=[True, False]).row(0, named=True)
+            rows.append({**winner, "column": _workload_label(winner)})
+    if not rows:
+        raise Skip("no model has two or more layouts of one GPU count measured on one workload")
+    table = pl.DataFrame(rows, infer_schema_length=None)
+    sizes = _model_sizes(ok, model_params)
+    series_order = sorted(table.get_column("series").unique().to_list(),
+                          key=lambda s: (sizes.get(s, math.inf), s))
+    columns = (table.select("column", "osl_max", "isl_max").unique("column")
+               .sort(["osl_max", "isl_max", "column"]).get_column("column").to_list())
+    families = sorted(table.get_column("family").unique().to_list(),
+                      key=lambda f: (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f))
+    colours = {f: PALETTE[(FAMILIES.index(f) if f in FAMILIES else i) % len(PALETTE)] for i, f in enumerate(families)}
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    kind = _kind(table)
+    mixed = kind == "mixed"
+
+    figure = Figure(figsize=(max(6.0, 1.25 * len(columns) + 2.5), 0.55 * len(series_order) + 2.2),
+                    layout="constrained")
+    ax = figure.subplots()
+    for row in table.iter_rows(named=True):
+        x, y = columns.index(row["column"]), series_order.index(row["series"])
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=colours[row["family"]], alpha=0.45,
+                               edgecolor="white"))
+        star = "*" if row["predicted_point"] and mixed else ""
+        ax.text(x, y, f"{row['short']}{star}\n{row['output_tok_s_per_gpu']:,.0f}", ha="center", va="center",
+                fontsize=7)
+    ax.set_xlim(-0.5, len(columns) - 0.5)
+    ax.set_ylim(len(series_order) - 0.5, -0.5)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(series_order)), [_size_label(s, sizes) for s in series_order])
+    ax.grid(False)
+    ax.set_xlabel("workload ISL/OSL (tokens)")
+    ax.set_ylabel("model (total parameters)")
+    ax.set_title(f"best layout and its output tokens/s per GPU ({kind}{'; *: predicted' if mixed else ''})")
+    _legend(figure, [Patch(facecolor=colours[f], alpha=0.45, label=f) for f in families], 8)
+    return figure
+
+
+def _model_sizes(ok: pl.DataFrame, model_params: dict[str, float] | None) -> dict[str, float]:
+    """Total parameters per series: given, else from the catalog, else the weights' bytes (a monotone stand-in)."""
+    from infscale.catalog.models import CatalogError, get_model
+
+    sizes = {}
+    for row in ok.select("series", "model", "weights_gib_per_gpu", "tp", "pp").unique("series").iter_rows(named=True):
+        if model_params and row["model"] in model_params:
+            sizes[row["series"]] = float(model_params[row["model"]])
+            continue
+        try:
+            sizes[row["series"]] = float(get_model(row["model"]).param_counts().total)
+        except CatalogError:
+            weights = row["weights_gib_per_gpu"]
+            sizes[row["series"]] = math.inf if weights is None else weights * row["tp"] * row["pp"] * 2**30 / 2
+    return sizes
+
+
+def _size_label(series: str, sizes: dict[str, float]) -> str:
+    size = sizes.get(series, math.inf)
+    return series if not math.isfinite(size) else f"{series} ({size / 1e9:.0f}B)"
+
+
+def latency(ok: pl.DataFrame, **_) -> object:
+    metrics = ["ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"]
+    rows = ok.filter(pl.all_horizontal([pl.col(m).is_not_null() for m in metrics]))
+    if rows.is_empty():
+        raise Skip("no cell has TTFT and TPOT percentiles")
+    panels = []
+    for series in rows.get_column("series").unique().sort().to_list():
+        cells = rows.filter(pl.col("series") == series)
+        cells = cells.filter(pl.col("gpus") == _node_gpus(cells))
+        panels.append((series, _best_group(cells, WORKLOAD, lambda g: (g.height, g.get_column("osl_max")[0]))))
+    figure, axes = _grid(len(panels), 4, legend_rows=1, rotated_ticks=True)
+    kinds = set()
+    styles = {("ttft_ms", "p50"): {"color": PALETTE[0], "marker": "o"},
+              ("ttft_ms", "p99"): {"color": PALETTE[0], "marker": "^"},
+              ("tpot_ms", "p50"): {"color": PALETTE[3], "marker": "s"},
+              ("tpot_ms", "p99"): {"color": PALETTE[3], "marker": "v"}}
+    for ax, (series, group) in zip(axes, panels):
+        group = group.sort("short")
+        names = group.get_column("short").to_list()
+        x = np.arange(len(names))
+        for metric in ("ttft_ms", "tpot_ms"):  # one log axis holds both: TTFT is seconds, TPOT milliseconds
+            ax.vlines(x, group[f"{metric}_p50"], group[f"{metric}_p99"], color=styles[(metric, "p50")]["color"],
+                      linewidth=1)
+            for pct in ("p50", "p99"):
+                _points(ax, x, group[f"{metric}_{pct}"], group["predicted_point"], styles[(metric, pct)])
+        ax.set_xticks(x, names, rotation=45, ha="right")
+        _log(ax, "y")
+        ax.set_ylabel("latency (ms)")
+        _title(ax, series, group.row(0, named=True), _kind(group))
+        kinds.add(_kind(group))
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="none", label=f"{metric[:4].upper()} {pct}", **style)
+               for (metric, pct), style in styles.items()] + _kind_handles(kinds)
+    _legend(figure, handles, 6)
+    return figure
+
+
+def energy(ok: pl.DataFrame, **_) -> object:
+    rows = ok.filter(pl.col("energy_per_output_token_j").is_not_null())
+    if rows.is_empty():
+        raise Skip("no cell has an energy per output token: the sim backend predicts no energy; measured "
+                   "backends record it from GPU telemetry")
+    series_list = rows.get_column("series").unique().sort().to_list()
+    osls = sorted(rows.get_column("osl_max").unique().to_list())
+    styles = {o: _style(i) for i, o in enumerate(osls)}
+    figure, axes = _grid(len(series_list), 3, legend_rows=1, rotated_ticks=True)
+    width = 0.8 / len(osls)
+    for ax, series in zip(axes, series_list):
+        cells = rows.filter(pl.col("series") == series)
+        gpus = _node_gpus(cells)
+        cells = cells.filter(pl.col("gpus") == gpus)
+        names = sorted(cells.get_column("short").unique().to_list())
+        for index, osl in enumerate(osls):
+            bars = cells.filter(pl.col("osl_max") == osl).group_by("short").agg(
+                pl.col("energy_per_output_token_j").mean(), pl.col("predicted_point").all()).sort("short")
+            if bars.is_empty():
+                continue
+            x = np.array([names.index(n) for n in bars["short"].to_list()]) + (index - (len(osls) - 1) / 2) * width
+            ax.bar(x, bars["energy_per_output_token_j"], width, color=styles[osl]["color"],
+                   hatch=["//" if p else None for p in bars["predicted_point"].to_list()], edgecolor="white")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_xlabel("layout")
+        ax.set_ylabel("energy per output token (J)")
+        ax.set_title(f"{series}\n{gpus} GPUs ({_kind(cells)})")
+    from matplotlib.patches import Patch
+
+    _legend(figure, [Patch(color=styles[o]["color"], label=f"OSL {_count(o)}") for o in osls], 8)
+    return figure
+
+
+VALIDATED = [("output_tok_s", "output throughput (tokens/s)"), ("tpot_ms_p50", "TPOT p50 (ms)"),
+             ("ttft_ms_p50", "TTFT p50 (ms)")]
+
+
+def predicted_vs_measured(ok: pl.DataFrame, validation: pl.DataFrame | None = None, **_) -> object:
+    if validation is None or validation.is_empty():
+        raise Skip("no validation table: `infscale validate` writes one for a campaign with measured cells")
+    missing = [f"{m}_{k}" for m, _ in VALIDATED for k in ("measured", "predicted") if f"{m}_{k}" not in
+               validation.columns]
+    if missing:
+        raise Skip(f"the validation table lacks {', '.join(missing)}")
+    if "predictor" not in validation.columns:
+        validation = validation.with_columns(pl.lit("sim").alias("predictor"))
+    if "in_medians" not in validation.columns:
+        validation = validation.with_columns(pl.lit(True).alias("in_medians"))
+    validation = validation.with_columns(pl.col("in_medians").fill_null(False))
+    validation = validation.sort("predictor", "model", "layout", "isl", "osl", "cell_id")
+    models = validation.get_column("model").unique().sort().to_list()
+    predictors = validation.get_column("predictor").unique().sort().to_list()
+    figure, axes = _grid(len(VALIDATED), 3, legend_rows=math.ceil((len(models) + len(predictors)) / 6),
+                         title_lines=1 + len(predictors))
+    for ax, (metric, label) in zip(axes, VALIDATED):
+        rows = validation.filter(pl.col(f"{metric}_measured").is_not_null()
+                                 & pl.col(f"{metric}_predicted").is_not_null())
+        if rows.is_empty():
+            ax.text(0.5, 0.5, "no cell with both values", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(label)
+            continue
+        for m_index, model in enumerate(models):
+            for p_index, predictor in enumerate(predictors):
+                points = rows.filter((pl.col("model") == model) & (pl.col("predictor") == predictor))
+                for counted in (True, False):  # faded: cells validate leaves out of its medians (eager path)
+                    part = points.filter(pl.col("in_medians") == counted)
+                    if part.height:
+                        colour = PALETTE[m_index % len(PALETTE)]
+                        ax.plot(part[f"{metric}_measured"], part[f"{metric}_predicted"], linestyle="none",
+                                marker=MARKERS[p_index % len(MARKERS)], color=colour, alpha=1.0 if counted else 0.35,
+                                markerfacecolor="none" if p_index else colour, markersize=6)
+        values = np.concatenate([rows[f"{metric}_measured"].to_numpy(), rows[f"{metric}_predicted"].to_numpy()])
+        low, high = float(values.min()) / 1.3, float(values.max()) * 1.3
+        ax.plot([low, high], [low, high], color="#555555", linewidth=0.8)
+        for factor in (0.75, 1.25):
+            ax.plot([low, high], [low * factor, high * factor], color="#999999", linewidth=0.6, linestyle=":")
+        _log(ax, "x")
+        _log(ax, "y")
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        errors = rows.filter(pl.col("in_medians")).group_by("predictor").agg(
+            (pl.col(f"{metric}_predicted") / pl.col(f"{metric}_measured") - 1).abs().median().alias("error"),
+            pl.len().alias("cells")).sort("predictor")
+        ax.set_title(label + "\n" + "\n".join(f"{r['predictor']}: median |error| {r['error']:.0%} ({r['cells']} cells)"
+                                                for r in errors.iter_rows(named=True)), fontsize=8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=PALETTE[i % len(PALETTE)], marker="o", linestyle="none", label=m)
+               for i, m in enumerate(models)]
+    handles += [Line2D([], [], color="#555555", marker=MARKERS[i % len(MARKERS)], linestyle="none",
+                       markerfacecolor="none" if i else "#555555", label=f"prediction: {p}")
+                for i, p in enumerate(predictors)]
+    handles.append(Line2D([], [], color="#999999", linestyle=":", label="±25 %"))
+    if not validation.get_column("in_medians").all():
+        handles.append(Line2D([], [], color="#555555", marker="o", alpha=0.35, linestyle="none",
+                              label="faded: not in the medians (validate's in_medians)"))
+    _legend(figure, handles, 6)
+    return figure
+
+
+FIGURES: list[tuple[str, str, str, Callable]] = [  # name, headline, caption, draw
+    ("throughput_vs_gpus", "Throughput vs GPU count per strategy family",
+     "Output throughput against the GPU count, per strategy family (the family's best layout "
+     "at each count; USL fits dashed where fitted). One workload per model: the one with the most GPU counts.",
+     throughput_vs_gpus),
+    ("reasoning_cliff", "Per-GPU throughput vs output length (the reasoning cliff)",
+     "Output tokens/s per GPU against the output length (OSL), per layout at each model's "
+     "single-node GPU count: the reasoning cliff, where the KV cache, not compute, caps the batch.", reasoning_cliff),
+    ("kv_capacity", "KV capacity and maximum concurrency per layout",
+     "KV-cache capacity per replica and the layout's maximum concurrent sequences at the model's longest ISL+OSL, "
+     "per model and layout at its single-node GPU count, as the memory model plans them for every feasible cell "
+     "(measured or not); 'held' is the pool a measured engine actually had, where it differs.", kv_capacity),
+    ("best_layout", "Best layout by model size and workload",
+     "Best layout (highest output throughput) at each model's single-node GPU count, over model size "
+     "and workload; colour: the strategy family; number: output tokens/s per GPU.", best_layout),
+    ("latency", "TTFT and TPOT, p50 and p99, per layout",
+     "TTFT and TPOT at p50 and p99 per layout, at each model's single-node GPU count (one workload per "
+     "model: the one with the most layouts). Offline arrival: TTFT includes the time a request queues.", latency),
+    ("energy", "Energy per output token",
+     "Energy per output token per layout and output length, from GPU telemetry (NVML energy counters).",
+     energy),
+    ("predicted_vs_measured", "Predicted vs measured",
+     "The sim backend's predictions against measured cells (output throughput, TPOT and TTFT p50), from "
+     "`infscale validate`; the solid line is a perfect prediction, dotted ±25 %. Medians over the cells validate "
+     "counts (in_medians: the eager-path cells, host-bound, are shown faded and left out).",
+     predicted_vs_measured),
+]
