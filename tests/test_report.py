@@ -174,7 +174,7 @@ def test_report_before_the_merge_says_what_to_run(tmp_path, capsys) -> None:
 
 
 def test_report_without_figures_says_how_to_make_them(tmp_path) -> None:
-    shutil.copytree(REFERENCE, tmp_path / "gpu-node")
+    shutil.copytree(REFERENCE, tmp_path / "gpu-node", ignore=shutil.ignore_patterns("figures", "report.html"))
     run = CampaignRun(REPO / "config" / "gpu-node.yaml", tmp_path, "auto")
     path = write_report(run, tmp_path / "elsewhere.html")
     assert path == tmp_path / "elsewhere.html" and not run.report_file.exists()
