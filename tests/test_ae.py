@@ -85,6 +85,8 @@ def test_artifact_md_maps_claims_to_commands_hardware_and_durations(gpu_bundle: 
     assert "infscale ae regenerate gpu-node-ae" in text and "NVIDIA H100 80GB HBM3" in text
     assert "reduced/gpu-node-cpu.yaml" in text and "CPU only (sim backend)" in text
     assert "environment/constraints.txt" in text and "output_tok_s`: ±10%" in text
+    (c2,) = [line for line in text.splitlines() if line.startswith("| C2 ")]
+    assert "`results/gpu-node/figures/reasoning_cliff.png`" in c2  # the claim's figure, as bundled
 
 
 def test_an_existing_bundle_is_never_overwritten(gpu_bundle: Path) -> None:

@@ -12,14 +12,24 @@ from pathlib import Path
 
 import polars as pl
 
-# Which figure shows which claim: filled in when the figures module (infscale.analysis.figures) is merged. A
-# figure file whose name starts with a claim id (e.g. `C1-dp-tp-ratio.png`) is matched without an entry here.
-CLAIM_FIGURES: dict[str, list[str]] = {}
+# Which figure (infscale.analysis.figures, by name) shows the evidence of which claim. A figure file whose name
+# starts with a claim id (e.g. `C1-dp-tp-ratio.png`) is matched too.
+CLAIM_FIGURES: dict[str, list[str]] = {
+    "C1": ["throughput_vs_gpus", "best_layout"],
+    "C2": ["reasoning_cliff", "kv_capacity"],
+    "C5": ["best_layout", "throughput_vs_gpus"],
+    "C6": ["best_layout"],
+    "C7": ["reasoning_cliff", "kv_capacity"],
+    "C12": ["latency"],
+}
 
 
 def _figures_for(claim: str, figures: list[str]) -> list[str]:
-    named = [f for f in figures if Path(f).name.split("-")[0].split("_")[0].upper() == claim.upper()]
-    return CLAIM_FIGURES.get(claim, []) + named
+    """The bundle's PNG figures (paths relative to the bundle) that show the claim's evidence."""
+    pngs = [f for f in figures if f.endswith(".png")]
+    named = [f for f in pngs if Path(f).name.split("-")[0].split("_")[0].upper() == claim.upper()]
+    listed = [f for stem in CLAIM_FIGURES.get(claim, []) for f in pngs if Path(f).stem == stem]
+    return listed + [f for f in named if f not in listed]
 
 
 def _provenance(cells_dir: Path) -> dict:
