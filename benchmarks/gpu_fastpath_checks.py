@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gpu_microbench import timed  # benchmarks/ is on sys.path when a script here runs
 
 from infscale.backends.torch.model import DecoderModel
 from infscale.backends.torch.parallel import ParallelContext
@@ -29,23 +30,11 @@ from infscale.catalog.models import ModelArch
 from infscale.serving.cluster import ReplicaConfig
 from infscale.serving.workload import Requests
 
-
 MOE_MODEL = "qwen3-30b-a3b"
 
 
 def _median_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+    return timed(fn, repeats=repeats, warmup=3) * 1e3
 
 
 def hbm_read_bandwidth() -> float:

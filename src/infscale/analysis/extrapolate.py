@@ -43,9 +43,14 @@ class ErrorBand:
         return (a, b) if a <= b else (b, a)
 
 
+def _median_rows(validation: pl.DataFrame) -> pl.DataFrame:
+    """The validation cells `validate` counts in its medians (all of them in a table without the flag)."""
+    return validation.filter(pl.col("in_medians")) if "in_medians" in validation.columns else validation
+
+
 def error_bands(validation: pl.DataFrame) -> dict[str, ErrorBand]:
     """One band per metric from a validation table's in-median cells."""
-    rows = validation.filter(pl.col("in_medians")) if "in_medians" in validation.columns else validation
+    rows = _median_rows(validation)
     bands = {}
     for metric in METRICS:
         column = f"{metric}_error"
@@ -72,7 +77,7 @@ class ValidationScope:
 
     @classmethod
     def of(cls, validation: pl.DataFrame) -> ValidationScope:
-        rows = validation.filter(pl.col("in_medians")) if "in_medians" in validation.columns else validation
+        rows = _median_rows(validation)
         # cell ids are model.precision.layout.…: the precision label is their second part
         precisions = {cell_id.split(".")[1] for cell_id in rows.get_column("cell_id").to_list()}
         gpus = [Layout.parse(text).gpus for text in rows.get_column("layout").to_list()]

@@ -130,17 +130,7 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write a small text file (summary, note, pointer, settings) complete or not at all, replacing an older one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
