@@ -48,7 +48,8 @@ def test_bands_need_enough_cells_and_the_error_columns():
 def test_scope_names_what_the_validation_did_not_cover():
     scope = ValidationScope.of(_validation([0.1] * 5))
     assert scope.beyond("m", "bf16", 5, 5120) is None
-    assert scope.beyond("other", "fp8", 8, 16384) == "model not validated; fp8 not validated; 8 GPUs > 5; OSL 16384 > 5120"
+    assert scope.beyond("other", "fp8", 8, 16384) == ("model not validated; fp8 not validated; 8 GPUs > 5; "
+                                                      "OSL 16384 > 5120")
 
 
 def test_extrapolate_the_8_gpu_node_from_the_4_gpu_validation(tmp_path: Path, capsys):

@@ -525,8 +525,9 @@ class DecoderModel:
         the fused operations (TritonOps, or TorchFastOps: the same step in plain torch). `max_context` bounds
         lens (it fixes the attention's partitions). In place: result[0] = the greedy tokens, result[1] = 1 where
         the row's logits are all finite (or the row is padding), ids = the tokens, lens += valid, on every
-        stage. Returns the logits [B, vocab] in the model dtype (an earlier PP stage: its output hidden states). `layer_collectives=False` leaves out the per-layer TP all-reduces
-        (wrong results: only to time their share of the step)."""
+        stage. Returns the logits [B, vocab] in the model dtype (an earlier PP stage: its output hidden states).
+        `keys` [B] are the request ids MoE routing hashes (default: zeros). `layer_collectives=False` leaves out
+        the per-layer TP all-reduces (wrong results: only to time their share of the step)."""
         ctx = self.ctx
         cos, sin = self.rope_tables(max_context)
         partial_ok = ctx.tp == 1
