@@ -428,6 +428,8 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         models[entry.name] = model
         where = f"models[{i}].layouts" if entry.layouts is not None else "layouts"
         chosen = entry.layouts if entry.layouts is not None else spec.layouts
+        if entry.proxy_layers is not None:
+            problems += _proxy_problems(source, i, entry, model, chosen, spec, hardware)
         if isinstance(chosen, LayoutSweep):
             layouts[entry.name] = chosen
             continue
@@ -443,8 +445,6 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
                 problems.append(f"{source}: {where}[{j}]: '{text}' for {entry.name}: {problem}")
             parsed.append(layout)
         layouts[entry.name] = parsed
-        if entry.proxy_layers is not None:
-            problems += _proxy_problems(source, i, entry, model, layouts[entry.name], spec, hardware)
 
     engine_problems = _engine_problems(source, "engine", spec.engine)
     for w, workload in enumerate(spec.workloads):
@@ -477,8 +477,9 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
 
 
 def _proxy_problems(source: str, index: int, entry: ModelEntry, model: ModelArch,
-                    chosen: list[Layout] | LayoutSweep, spec: CampaignSpec, hardware: Hardware) -> list[str]:
-    """`proxy_layers: k` must be a true slice of the model that every pipeline stage shares evenly."""
+                    chosen: list[str] | LayoutSweep, spec: CampaignSpec, hardware: Hardware) -> list[str]:
+    """`proxy_layers: k` must be a true slice of the model that every pipeline stage shares evenly (layout
+    strings that do not parse are reported by the layout checks)."""
     k = entry.proxy_layers
     where = f"{source}: models[{index}].proxy_layers"
     if spec.backend == "trtllm":
@@ -491,10 +492,16 @@ def _proxy_problems(source: str, index: int, entry: ModelEntry, model: ModelArch
         return [f"{where}: {entry.name} mixes {model.first_dense_layers} dense and {model.num_moe_layers} MoE "
                 f"layers, so a slice of {k} layers is not a scaled copy of it (got {k})"]
     if isinstance(chosen, LayoutSweep):
-        chosen = [layout for ep in chosen.expert_parallel
-                  for layout in enumerate_layouts(model, hardware, chosen.gpus, spec.hardware.nodes, chosen.max_pp,
-                                                  ep)]
-    uneven = sorted({layout.pp for layout in chosen if k % layout.pp})  # type: ignore[operator]
+        pps = {layout.pp for ep in chosen.expert_parallel
+               for layout in enumerate_layouts(model, hardware, chosen.gpus, spec.hardware.nodes, chosen.max_pp, ep)}
+    else:
+        pps = set()
+        for text in chosen:
+            try:
+                pps.add(Layout.parse(text).pp)
+            except ValueError:
+                continue
+    uneven = sorted(pp for pp in pps if k % pp)  # type: ignore[operator]
     if uneven:
         pps = ", ".join(f"pp{pp}" for pp in uneven)
         return [f"{where}: {k} layers cannot be split evenly over {pps} (each pipeline stage must run the same "
