@@ -91,6 +91,7 @@ ALTERED_FIELDS = {
     "arrival": Arrival(mode="concurrency", concurrency=32),
     "engine": EngineKnobs(kv_memory_fraction=0.9, max_num_seqs=1024),
     "seed": 1,
+    "proxy_layers": 8,
 }
 
 

@@ -200,6 +200,22 @@ MALFORMED: list[tuple[str, Callable[[dict], None], str, list[str]]] = [
      "hardware.nodes", ["(got 0)", "greater than 0"]),
     ("layout-sweep-zero-gpus", put("layouts", value={"gpus": [0, 8]}),
      "layouts.gpus[0]", ["(got 0)", "greater than 0"]),
+    # --- layer-sliced proxies
+    ("proxy-zero-layers", put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": 0}]),
+     "models[0].proxy_layers", ["(got 0)", "greater than 0"]),
+    ("proxy-not-an-integer", put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": "eight"}]),
+     "models[0].proxy_layers", ["(got 'eight')", "integer"]),
+    ("proxy-all-layers", put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": 32}]),
+     "models[0].proxy_layers", ["(got 32)", "below llama-3.1-8b's 32 layers", "leave it out"]),
+    ("proxy-uneven-pipeline", both(put("layouts", value=["tp2", "pp2", "pp4"]),
+                                   put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": 6}])),
+     "models[0].proxy_layers", ["(got 6)", "split evenly over pp4", "multiple of 4"]),
+    ("proxy-uneven-pipeline-in-sweep", both(put("layouts", value={"gpus": [8], "max_pp": 8}),
+                                            put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": 4}])),
+     "models[0].proxy_layers", ["(got 4)", "pp8", "multiple of 8"]),
+    ("proxy-on-trtllm", both(put("backend", value="trtllm"),
+                             put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": 8}])),
+     "models[0].proxy_layers", ["(got 8)", "trtllm backend cannot", "torch and sim"]),
 ]
 
 
@@ -397,3 +413,16 @@ def test_hf_config_model_is_checked_like_a_catalog_model(tmp_path):
     raw["hardware"] = {"name": "h200-sxm", "nodes": 2}
     line = first_line_of_error(write(tmp_path, raw))
     assert "layouts[0]: 'tp16'" in line and "8 attention heads" in line and "allowed tp: 1, 2, 4, 8" in line, line
+
+
+def test_proxy_layers_reach_the_cells(tmp_path):
+    from infscale.campaign.plan import plan_campaign
+
+    raw = copy.deepcopy(BASE)
+    raw["models"] = ["llama-3.1-8b", {"name": "qwen3-8b", "proxy_layers": 6}]
+    raw["layouts"] = ["tp2", "pp2"]
+    planned = plan_campaign(load_campaign(write(tmp_path, raw)))
+    proxies: dict[str, set] = {}
+    for item in planned:
+        proxies.setdefault(item.cell.model, set()).add(item.cell.proxy_layers)
+    assert proxies == {"llama-3.1-8b": {None}, "qwen3-8b": {6}}

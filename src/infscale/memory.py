@@ -16,17 +16,18 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 GIB = 1024**3
 
 
-def layers_per_stage(model: ModelArch, pp: int) -> int:
-    """Layers on the fullest pipeline stage (stages are as even as possible)."""
-    return -(-model.num_layers // pp)
+def layers_per_stage(model: ModelArch, pp: int, num_layers: int | None = None) -> int:
+    """Layers on the fullest pipeline stage (stages are as even as possible); `num_layers`: a proxy's slice."""
+    return -(-(num_layers or model.num_layers) // pp)
 
 
-def weight_bytes_per_gpu(model: ModelArch, weight_dtype: str, tp: int, pp: int) -> float:
+def weight_bytes_per_gpu(model: ModelArch, weight_dtype: str, tp: int, pp: int,
+                         num_layers: int | None = None) -> float:
     """Weights held by the fullest GPU. Linear layers take `weight_dtype`; embeddings and norms stay 16-bit.
 
     Each pipeline stage holds its layers; the first holds the embedding and the last the LM head (with pp=1 one
     GPU holds both). Every tensor is split over TP (vocab-parallel embedding and head; experts split over the TP
-    group whether by TP or EP, so the per-GPU share is the same).
+    group whether by TP or EP, so the per-GPU share is the same). `num_layers`: only that many layers (a proxy).
     """
     counts = model.param_counts()
     linear_bytes = DTYPE_BYTES[weight_dtype]
@@ -38,15 +39,16 @@ def weight_bytes_per_gpu(model: ModelArch, weight_dtype: str, tp: int, pp: int) 
                         + counts.router_per_layer)
     ) / model.num_layers
     layer_bytes = (counts.attention_per_layer + per_layer_avg) * linear_bytes + counts.norms_per_layer * 2
-    stage_layers = layers_per_stage(model, pp)
+    stage_layers = layers_per_stage(model, pp, num_layers)
     edge_bytes = (counts.embedding + counts.lm_head) * 2 if pp == 1 else max(counts.embedding, counts.lm_head) * 2
     return (stage_layers * layer_bytes + edge_bytes + counts.final_norm * 2) / tp
 
 
-def kv_bytes_per_token_per_gpu(model: ModelArch, kv_dtype: str, tp: int, pp: int) -> float:
+def kv_bytes_per_token_per_gpu(model: ModelArch, kv_dtype: str, tp: int, pp: int,
+                               num_layers: int | None = None) -> float:
     """KV-cache bytes one token costs on one GPU of a replica (its stage's layers, its share of KV heads)."""
     kv_bytes = DTYPE_BYTES[kv_dtype]
-    layers = layers_per_stage(model, pp)
+    layers = layers_per_stage(model, pp, num_layers)
     if model.attention == "mla":
         return (model.kv_lora_rank + model.qk_rope_head_dim) * layers * kv_bytes
     heads_per_gpu = model.num_kv_heads / min(tp, model.num_kv_heads)
@@ -59,8 +61,19 @@ def kv_bytes_per_token(model: ModelArch, kv_dtype: str) -> float:
 
 
 @dataclass(frozen=True)
+class ProxySlice:
+    """A layer-sliced proxy run: what its `layers` of the model need per GPU, with the full model's KV tokens."""
+
+    layers: int
+    weights_bytes_per_gpu: float
+    kv_bytes_per_token_per_gpu: float
+    kv_pool_bytes_per_gpu: float   # the full model's KV token capacity at the slice's bytes per token
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
-    """What one replica of a layout can hold."""
+    """What one replica of a layout can hold. For a proxy the numbers are the full model's (the capacity the
+    proxy stands for); `proxy` holds what the slice itself needs."""
 
     weights_bytes_per_gpu: float
     activation_reserve_bytes: float
@@ -69,6 +82,7 @@ class MemoryPlan:
     kv_bytes_per_token_per_gpu: float
     kv_block_size: int
     kv_blocks_per_replica: int
+    proxy: ProxySlice | None = None
 
     @property
     def kv_tokens_per_replica(self) -> int:
@@ -92,7 +106,15 @@ class MemoryPlan:
                 f"{self.activation_reserve_bytes / GIB:.1f} GiB exceed the usable "
                 f"{self.usable_bytes_per_gpu / GIB:.1f} "
                 f"GiB/GPU of {model} at {layout} (need {need:.1f} GiB)"
+                + (f"; a {self.proxy.layers}-layer proxy mimics the full model's KV budget, which is none here"
+                   if self.proxy else "")
             )
+        if self.proxy is not None:
+            need = self.proxy.weights_bytes_per_gpu + self.activation_reserve_bytes + self.proxy.kv_pool_bytes_per_gpu
+            if need > self.usable_bytes_per_gpu:
+                return (f"the {self.proxy.layers}-layer proxy needs {need / GIB:.1f} GiB/GPU (weights + reserve + "
+                        f"the full model's KV tokens) of the usable {self.usable_bytes_per_gpu / GIB:.1f} GiB/GPU "
+                        f"({model} at {layout})")
         if self.max_seqs(context_tokens, 1) == 0:
             return (
                 f"KV pool of {self.kv_tokens_per_replica} tokens per replica cannot hold one sequence of "
@@ -109,7 +131,10 @@ def plan_memory(
     kv_dtype: str,
     kv_memory_fraction: float | None,
     kv_block_size: int,
+    proxy_layers: int | None = None,
 ) -> MemoryPlan:
+    """The replica's memory. With `proxy_layers` the KV capacity in tokens is still the full model's (so the
+    scheduler sees a full run's concurrency limit); `proxy` says what the slice needs to hold it."""
     fraction = hardware.default_kv_memory_fraction if kv_memory_fraction is None else kv_memory_fraction
     usable = fraction * hardware.hbm_bytes
     weights = weight_bytes_per_gpu(model, weight_dtype, layout.tp, layout.pp)
@@ -117,4 +142,9 @@ def plan_memory(
     pool = usable - weights - reserve
     per_token = kv_bytes_per_token_per_gpu(model, kv_dtype, layout.tp, layout.pp)
     blocks = int(max(pool, 0) // (per_token * kv_block_size))
-    return MemoryPlan(weights, reserve, usable, pool, per_token, kv_block_size, blocks)
+    proxy = None
+    if proxy_layers is not None:
+        slice_per_token = kv_bytes_per_token_per_gpu(model, kv_dtype, layout.tp, layout.pp, proxy_layers)
+        proxy = ProxySlice(proxy_layers, weight_bytes_per_gpu(model, weight_dtype, layout.tp, layout.pp, proxy_layers),
+                           slice_per_token, blocks * kv_block_size * slice_per_token)
+    return MemoryPlan(weights, reserve, usable, pool, per_token, kv_block_size, blocks, proxy)

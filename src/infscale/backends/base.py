@@ -56,6 +56,8 @@ class CellResult:
     series: dict[str, Any] | None = None         # time-series columns
     telemetry: dict[str, Any] | None = None      # GPU telemetry samples (telemetry.py)
     predicted: bool = False
+    provenance: dict[str, Any] | None = None     # how the numbers were made (e.g. a proxy's time scaling):
+                                                 # stored as the cell file's provenance `measurement`
 
 
 class Backend(Protocol):

@@ -29,6 +29,7 @@ class Cell(BaseModel):
     arrival: Arrival
     engine: EngineKnobs
     seed: int = 0
+    proxy_layers: int | None = Field(default=None, gt=0)  # a layer-sliced proxy of the model (None: full run)
 
     @property
     def layout(self) -> Layout:
@@ -36,8 +37,9 @@ class Cell(BaseModel):
 
     @cached_property
     def spec_json(self) -> str:
-        """Canonical JSON: the identity of the measurement."""
-        return self.model_dump_json()
+        """Canonical JSON: the identity of the measurement. A full run leaves `proxy_layers` out, so full cells
+        keep the hashes (and files) they had before proxy runs existed."""
+        return self.model_dump_json(exclude={"proxy_layers"} if self.proxy_layers is None else None)
 
     @cached_property
     def spec_hash(self) -> str:
@@ -45,16 +47,19 @@ class Cell(BaseModel):
 
     @cached_property
     def id(self) -> str:
-        """e.g. `llama-3.1-8b.bf16.dp2tp2pp1.i1024-o16384.off.3f2a9c1e` (the tail is the spec hash)."""
+        """e.g. `llama-3.1-8b.bf16.dp2tp2pp1.i1024-o16384.off.3f2a9c1e` (the tail is the spec hash); a proxy
+        cell names its slice after the layout: `….dp2tp2pp1.proxy8.i1024-…`."""
+        proxy = "" if self.proxy_layers is None else f".proxy{self.proxy_layers}"
         return (
-            f"{self.model}.{self.precision.label}.{self.layout}."
+            f"{self.model}.{self.precision.label}.{self.layout}{proxy}."
             f"i{self.isl.label}-o{self.osl.label}.{self.arrival.label}.{self.spec_hash[:8]}"
         )
 
     @property
     def build_key(self) -> str:
         """Cells with the same build key share one engine/artefact (DP replicas reuse the same engine)."""
-        return f"{self.model}.{self.precision.label}.tp{self.tp}pp{self.pp}ep{self.ep}"
+        proxy = "" if self.proxy_layers is None else f".proxy{self.proxy_layers}"
+        return f"{self.model}.{self.precision.label}.tp{self.tp}pp{self.pp}ep{self.ep}{proxy}"
 
     @property
     def group_key(self) -> str:
@@ -74,6 +79,7 @@ class Cell(BaseModel):
             "max_num_seqs": self.engine.max_num_seqs, "max_num_tokens": self.engine.max_num_tokens,
             "kv_memory_fraction": self.engine.kv_memory_fraction, "kv_block_size": self.engine.kv_block_size,
             "router": self.engine.router, "seed": self.seed, "cell_json": self.spec_json,
+            "proxy_layers": self.proxy_layers,
         }
 
     def model_copy(self, *, update: dict[str, object] | None = None, deep: bool = False) -> Cell:

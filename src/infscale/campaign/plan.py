@@ -72,8 +72,10 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
                 for workload, pairs, knob_list, arrivals, requests_setting in workloads:
                     for isl, osl in pairs:
                         for knobs in knob_list:
+                            # a proxy's capacity is the full model's (memory.plan_memory); its estimate stays
+                            # the full run's too: an upper bound on the slice's wall time
                             memory = _memory(model, hardware, layout, precision, knobs.kv_memory_fraction,
-                                             knobs.kv_block_size)
+                                             knobs.kv_block_size, entry.proxy_layers)
                             context = isl.max_length + osl.max_length
                             concurrency = layout.dp * memory.max_seqs(context, knobs.max_num_seqs)
                             reason = memory.problem(context, model.name, layout)
@@ -83,7 +85,7 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
                                     model=model.name, hardware=hardware.name, backend=spec.backend,
                                     precision=precision, dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep,
                                     workload=workload.name, isl=isl, osl=osl, requests=count, arrival=arrival,
-                                    engine=knobs, seed=spec.seed,
+                                    engine=knobs, seed=spec.seed, proxy_layers=entry.proxy_layers,
                                 )
                                 if cell.id in seen:
                                     continue
@@ -120,11 +122,12 @@ _STEP_CACHE: dict[tuple, StepModel] = {}
 
 
 def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Precision, fraction: float,
-            block_size: int) -> MemoryPlan:
-    key = (model.name, model.source, hardware.name, layout, precision.weights, precision.kv, fraction, block_size)
+            block_size: int, proxy_layers: int | None = None) -> MemoryPlan:
+    key = (model.name, model.source, hardware.name, layout, precision.weights, precision.kv, fraction, block_size,
+           proxy_layers)
     if key not in _MEMORY_CACHE:
         _MEMORY_CACHE[key] = plan_memory(model, hardware, layout, precision.weights, precision.kv, fraction,
-                                         block_size)
+                                         block_size, proxy_layers)
     return _MEMORY_CACHE[key]
 
 

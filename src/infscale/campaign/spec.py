@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from infscale.campaign.layout import Layout, layout_problem
+from infscale.campaign.layout import Layout, enumerate_layouts, layout_problem
 from infscale.catalog import CatalogError, Hardware, ModelArch, get_hardware, resolve_model
 
 DTYPES = ("bf16", "fp8")
@@ -235,6 +235,11 @@ class ModelEntry(_Strict):
     name: str = Field(description="catalog name, or a path to a Hugging Face config.json")
     precision: list[Precision] | None = None
     layouts: LayoutsField | None = None
+    proxy_layers: int | None = Field(
+        default=None, gt=0,
+        description="layer-sliced proxy: run only this many of the model's layers (at the full model's per-GPU "
+        "shapes and KV token budget) and scale the per-layer time to the full depth",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -423,6 +428,8 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         models[entry.name] = model
         where = f"models[{i}].layouts" if entry.layouts is not None else "layouts"
         chosen = entry.layouts if entry.layouts is not None else spec.layouts
+        if entry.proxy_layers is not None:
+            problems += _proxy_problems(source, i, entry, model, chosen, spec, hardware)
         if isinstance(chosen, LayoutSweep):
             layouts[entry.name] = chosen
             continue
@@ -467,6 +474,39 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
     if problems:
         raise SpecError(problems)
     return Campaign(spec, path, config_hash, models, hardware, layouts)
+
+
+def _proxy_problems(source: str, index: int, entry: ModelEntry, model: ModelArch,
+                    chosen: list[str] | LayoutSweep, spec: CampaignSpec, hardware: Hardware) -> list[str]:
+    """`proxy_layers: k` must be a true slice of the model that every pipeline stage shares evenly (layout
+    strings that do not parse are reported by the layout checks)."""
+    k = entry.proxy_layers
+    where = f"{source}: models[{index}].proxy_layers"
+    if spec.backend == "trtllm":
+        return [f"{where}: the trtllm backend cannot run a layer-sliced proxy (got {k}); allowed with the "
+                "torch and sim backends"]
+    if k >= model.num_layers:  # type: ignore[operator]
+        return [f"{where}: must be below {entry.name}'s {model.num_layers} layers (got {k}); leave it out for a "
+                "full run"]
+    if model.is_moe and model.first_dense_layers:
+        return [f"{where}: {entry.name} mixes {model.first_dense_layers} dense and {model.num_moe_layers} MoE "
+                f"layers, so a slice of {k} layers is not a scaled copy of it (got {k})"]
+    if isinstance(chosen, LayoutSweep):
+        pps = {layout.pp for ep in chosen.expert_parallel
+               for layout in enumerate_layouts(model, hardware, chosen.gpus, spec.hardware.nodes, chosen.max_pp, ep)}
+    else:
+        pps = set()
+        for text in chosen:
+            try:
+                pps.add(Layout.parse(text).pp)
+            except ValueError:
+                continue
+    uneven = sorted(pp for pp in pps if k % pp)  # type: ignore[operator]
+    if uneven:
+        pps = ", ".join(f"pp{pp}" for pp in uneven)
+        return [f"{where}: {k} layers cannot be split evenly over {pps} (each pipeline stage must run the same "
+                f"number of layers, at least one); use a multiple of {math.lcm(*uneven)} (got {k})"]
+    return []
 
 
 def _engine_problems(source: str, where: str, sweep: EngineSweep) -> list[str]:

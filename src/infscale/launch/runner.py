@@ -89,6 +89,8 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
                                          result.telemetry if result else None)
                 meta = {**provenance.collect(campaign.name, campaign.config_hash), "artefact": artefact.info,
                         "started_at": started, "ended_at": row["ended_at"]}
+                if result is not None and result.provenance:
+                    meta["measurement"] = result.provenance
                 if row["status"] == "failed":
                     write_cell(failure_file(results_dir, cell.id), table, meta, cell.spec_json)
                 else:

@@ -49,8 +49,10 @@ class SimBackend:
         _inject_faults(cell.id)
         model = campaign.model_for(cell)
         hardware = campaign.hardware
+        # a proxy cell is predicted for the full model (the sim has no slice to scale): the row keeps its
+        # proxy_layers label, and the prediction is what the proxy's scaled measurement stands for
         memory = plan_memory(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
-                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size)
+                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size, cell.proxy_layers)
         problem = memory.problem(cell.isl.max_length + cell.osl.max_length, cell.model, cell.layout)
         if problem:
             raise InfeasibleCell(problem)
@@ -65,4 +67,7 @@ class SimBackend:
             requests=request_rows(state),
             series=series_rows(replicas),
             predicted=True,
+            provenance=None if cell.proxy_layers is None else {"proxy": {
+                "proxy_layers": cell.proxy_layers, "full_layers": model.num_layers,
+                "method": "none: the sim predicts the full model; proxy_layers only labels the cell"}},
         )

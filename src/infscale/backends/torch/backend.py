@@ -72,15 +72,16 @@ class TorchBackend:
                                       "replicas' live load; the torch backend runs DP replicas in separate "
                                       "processes: use router round_robin")
         memory = plan_memory(arch, campaign.hardware, cell.layout, cell.precision.weights, cell.precision.kv,
-                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size)
+                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size, cell.proxy_layers)
         # the KV pool: what the plan gives a replica (as an engine sizes it from its memory fraction); each rank
-        # lowers it to what its device holds now
+        # lowers it to what its device holds now. A proxy gets the full model's token capacity (its slice's
+        # bytes per token), so its scheduler admits what a full run's would.
         config = ReplicaConfig(max(1, memory.kv_blocks_per_replica), cell.engine.kv_block_size,
                                cell.engine.max_num_seqs, cell.engine.max_num_tokens)
         return CellWork(arch=arch, tp=cell.tp, pp=cell.pp, dp=cell.dp, requests=requests, routes=routes,
                         arrival=cell.arrival, config=config,
                         dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,
-                        kv_memory_fraction=cell.engine.kv_memory_fraction)
+                        kv_memory_fraction=cell.engine.kv_memory_fraction, num_layers=cell.proxy_layers)
 
     def _run(self, work: CellWork, world: int) -> list[RankReport]:
         if self._joined is not None:
@@ -159,5 +160,13 @@ def assemble(work: CellWork, reports: list[RankReport], gpus: int) -> CellResult
         summary.update({k: v for k, v in telemetry.summary().items() if v is not None})
         if telemetry.error is None and summary.get("energy_j") is not None:
             summary["energy_per_output_token_j"] = summary["energy_j"] / summary["output_tokens"]
+    provenance = None
+    if work.num_layers is not None:
+        # the replicas' fixed parts differ (each measured its own): the first one's method, every one's table
+        scalings = [o.scaling for o in outcomes]
+        if any(s is None for s in scalings):
+            raise RuntimeError("a proxy cell's replica ran without step-time scaling; its numbers are not the full "
+                               "model's")
+        provenance = {"proxy": {**scalings[0], "replicas": scalings}}  # type: ignore[dict-item]
     return CellResult(summary=summary, requests=request_rows(state), series=series_rows(records),  # type: ignore
-                      telemetry=telemetry.series() if telemetry else None, predicted=False)
+                      telemetry=telemetry.series() if telemetry else None, predicted=False, provenance=provenance)

@@ -25,6 +25,7 @@ import torch
 from infscale.backends.torch.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from infscale.backends.torch.kvcache import KVCacheError
 from infscale.backends.torch.model import BatchMeta, DecoderModel, PrefillSeq, TorchFastOps
+from infscale.backends.torch.proxy import LayerScaling, without_layers
 from infscale.serving.executor import IterationBatch
 
 
@@ -129,6 +130,7 @@ class TorchExecutor:
         self.iterations = 0
         self.decode_iterations = 0
         self.fast_steps = 0
+        self.scaling: LayerScaling | None = None  # a proxy's step-time scaling (calibrate_proxy)
         unsupported = model.fast_decode_unsupported()
         if fast is None:
             fast = self.device.type == "cuda" and unsupported is None
@@ -209,7 +211,10 @@ class TorchExecutor:
         self.iterations += 1
         fingerprint = _fingerprint(batch.decode_ids, batch.decode_context, batch.prefill_ids,
                                    batch.prefill_chunk, batch.prefill_past)
-        return float(self._agree(self.timer.durations(), fingerprint)[0])
+        durations = self.timer.durations()
+        if self.scaling is not None:
+            durations = self.scaling.scale(durations, len(batch.decode_ids) + len(batch.prefill_ids), "iteration")
+        return float(self._agree(durations, fingerprint)[0])
 
     @torch.inference_mode()
     def decode_steps(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None) -> np.ndarray:
@@ -243,7 +248,7 @@ class TorchExecutor:
             out[done] = current
             lens = lens + 1
             done += 1
-            if self._step_done(done, horizon, shared):
+            if self._step_done(done, horizon, shared, len(requests)):
                 break
         flags = finite[:done].cpu().numpy()
         if not flags.all():
@@ -265,7 +270,7 @@ class TorchExecutor:
         while done < steps:
             history[done].copy_(graphs.replay(b)[:, :n])
             done += 1
-            if self._step_done(done, horizon, shared):
+            if self._step_done(done, horizon, shared, n):
                 break
         host = history[:done].cpu().numpy()
         flags = host[:, 1].all(axis=1)
@@ -276,13 +281,17 @@ class TorchExecutor:
         self.fast_steps += done
         return self._finish_span(ids, context, steps, done, host[:, 0].T.tolist(), horizon, shared)
 
-    def _step_done(self, done: int, horizon: float | None, shared: list[float]) -> bool:
+    def _scaled(self, durations: np.ndarray, rows: int) -> np.ndarray:
+        """Decode step durations as the full model's (a proxy) or as measured."""
+        return durations if self.scaling is None else self.scaling.scale(durations, rows, "decode")
+
+    def _step_done(self, done: int, horizon: float | None, shared: list[float], rows: int) -> bool:
         """Mark a decode step's end; with a horizon, every rank must stop at the same step, so the driver's
-        step time is shared and summed. True when the span must stop here."""
+        (scaled) step time is shared and summed. True when the span must stop here."""
         self.timer.mark()
         if horizon is None:
             return False
-        shared.append(float(self._agree(np.array([self.timer.last()]), float(done))[0]))
+        shared.append(float(self._agree(self._scaled(np.array([self.timer.last()]), rows), float(done))[0]))
         return sum(shared) >= horizon
 
     def _finish_span(self, ids: np.ndarray, context: np.ndarray, steps: int, done: int,
@@ -298,7 +307,8 @@ class TorchExecutor:
         self.decode_iterations += done
         if horizon is not None:
             return np.asarray(shared)
-        return self._agree(self.timer.durations(), _fingerprint(ids, context, np.array([steps])))
+        durations = self._scaled(self.timer.durations(), len(ids))
+        return self._agree(durations, _fingerprint(ids, context, np.array([steps])))
 
     def prepare_fast_path(self) -> None:
         """Tune the kernels for the graphs' batch sizes (CUDA, triton) and capture every graph. Every rank of
@@ -422,3 +432,72 @@ class TorchExecutor:
             self.generated.pop(request, None)
             self.model.reset_expert_counts()
             self.iterations = self.decode_iterations = self.fast_steps = 0
+
+    # -------------------------------------------------------------------------------------------- proxy runs
+
+    @torch.inference_mode()
+    def calibrate_proxy(self, full_layers: int, repeats: int = 10, warm: int = 2,
+                        sizes: list[int] | None = None) -> LayerScaling:
+        """Measure the fixed part of a step (see proxy.py) and scale every later step of this layer-sliced
+        model to `full_layers`. For each batch size n: `repeats` prefill iterations of n one-token throw-away
+        requests, then one decode span of them (`warm` + `repeats` steps), all with the layers removed, through
+        the same path as the measurement (CUDA graphs of the layer-less step where the executor has graphs).
+        Every rank of the replica must call it, after warmup(). Sizes default to the graphs' batch sizes (else
+        the powers of two up to the requests' count), as many as the free KV blocks allow."""
+        scaling = LayerScaling(self.model.num_layers, full_layers)
+        steps = warm + repeats
+        blocks_each = self.cache.allocator.blocks_for(2 + steps)
+        if sizes is None:
+            cap = max(1, len(self.isl))
+            candidates = self.graphs.sizes if self.graphs is not None else \
+                [b for b in DEFAULT_BATCH_SIZES if b < 2 * cap]
+            sizes = [b for b in candidates if b * blocks_each <= self.cache.allocator.free_blocks]
+        if not sizes:
+            raise KVCacheError(f"no KV blocks free to calibrate the proxy's fixed part ({blocks_each} per request)")
+        self.scaling = None  # calibration steps are measured as they are
+        graphs = self.graphs
+        try:
+            with without_layers(self.model):
+                if graphs is not None:  # the layer-less step's own graphs, on the same cache and buffers' shapes
+                    self.graphs = DecodeGraphs(self.model, self.cache, self.ops, graphs.max_context,
+                                               scratch_block=graphs.scratch_block, batch_sizes=graphs.sizes,
+                                               mode=graphs.mode)
+                    self.graphs.capture()
+                for n in sizes:
+                    iteration, decode = self._fixed_part(n, repeats, warm)
+                    scaling.iteration_sizes.append(n)
+                    scaling.iteration_fixed_s.append(iteration)
+                    scaling.decode_sizes.append(n)
+                    scaling.decode_fixed_s.append(decode)
+        finally:
+            self.graphs = graphs
+            self.iterations = self.decode_iterations = self.fast_steps = 0
+        self.scaling = scaling
+        return scaling
+
+    def _fixed_part(self, n: int, repeats: int, warm: int) -> tuple[float, float]:
+        """Median (prefill iteration, decode step) time of n throw-away one-token requests (ids -1 … -n)."""
+        ids = -1 - np.arange(n)
+        isl = self.isl
+        self.isl = np.concatenate([isl, np.ones(n, dtype=np.int64)])  # indices -1 … -n are theirs
+        rng = np.random.default_rng([self.seed, 2**32 + n])
+        empty = np.zeros(0, dtype=np.int64)
+        prefill = IterationBatch(empty, empty, ids, np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+        iterations: list[float] = []
+        try:
+            for _ in range(warm + repeats):
+                self._forget(ids)
+                for request in ids.tolist():
+                    self._prompts[request] = rng.integers(0, self.model.arch.vocab_size, 1, dtype=np.int64)
+                iterations.append(self.iteration(prefill))
+            decode = self.decode_steps(ids, np.full(n, 2), warm + repeats, None)
+        finally:
+            self._forget(ids)
+            self.isl = isl
+        return float(np.median(iterations[warm:])), float(np.median(decode[warm:]))
+
+    def _forget(self, ids: np.ndarray) -> None:
+        self.release(ids)
+        for request in np.asarray(ids).tolist():
+            self._prompts.pop(request, None)
+            self.generated.pop(request, None)

@@ -67,7 +67,7 @@ class CellWork:
     config: ReplicaConfig               # num_blocks = the most any replica may use (plan and need); ranks lower it
     dtype: str = "bfloat16"
     seed: int = 0
-    num_layers: int | None = None
+    num_layers: int | None = None       # a layer-sliced proxy: run this many layers, scale steps to arch's
     popularity: ExpertPopularity = field(default_factory=ExpertPopularity)
     kv_memory_fraction: float = 0.9     # of the device memory free after weights and warm-up
     telemetry_interval_s: float = 0.1
@@ -87,6 +87,7 @@ class ReplicaOutcome:
     decode_steps: int
     expert_counts: dict[int, np.ndarray]
     engine_path: str = "eager"          # cuda_graphs when the replica's decode steps ran as CUDA graphs
+    scaling: dict | None = None         # a proxy's step-time scaling (proxy.LayerScaling.provenance)
 
 
 @dataclass
@@ -190,6 +191,8 @@ class RankMember:
             executor = TorchExecutor(model, num_blocks, config.block_size, work.requests.isl, work.requests.osl,
                                      work.seed)
             executor.warmup()  # kernel tuning, CUDA-graph capture, first-use costs: never inside the measurement
+            if work.num_layers is not None and work.num_layers < work.arch.num_layers:
+                executor.calibrate_proxy(work.arch.num_layers)  # from here on, steps count as the full model's
         except Exception as err:
             error = _describe(self.rank, self.host, err)
         self._agree_min(num_blocks, error)
@@ -261,7 +264,8 @@ class RankMember:
             log=replica.log, num_blocks=config.num_blocks, prefill_time=replica.prefill_time,
             busy_time=replica.busy_time, decode_steps=executor.decode_iterations,
             expert_counts=executor.model.expert_counts(),
-            engine_path="eager" if executor.graphs is None else "cuda_graphs")
+            engine_path="eager" if executor.graphs is None else "cuda_graphs",
+            scaling=executor.scaling.provenance() if executor.scaling is not None else None)
         return outcome, telemetry
 
     def _device_name(self) -> str:
