@@ -83,6 +83,59 @@ def test_moe_layer_latency_adds_its_cost_to_every_moe_layer_of_a_step() -> None:
     assert dense.iteration_time(1, 1, 1000, 1000) == plain.iteration_time(1, 1, 1000, 1000)
 
 
+MICROBENCH_C = PROFILES / "h100-sxm-x4.2026-11-27c.microbench.json"
+
+
+def test_constants_from_the_package_microbenchmark_without_a_roofline() -> None:
+    """infscale.microbench's H100 output alone: HBM read, and the latencies of collectives issued in a CUDA graph."""
+    hardware = get_hardware("h100-sxm")
+    microbench = json.loads(MICROBENCH_C.read_text())
+    efficiency, sources = from_microbenchmarks(hardware, microbench)
+    assert set(sources) == {f"efficiency.{k}" for k in efficiency}
+    assert efficiency["hbm_bandwidth"] == pytest.approx(microbench["memory"]["hbm_read_bytes_per_s"] / 3.35e12)
+    # one call inside a graph: ~9-12 us; the same call timed eagerly costs 40-110 us of launch and wait
+    assert 5e-6 < efficiency["p2p_latency_s"] < 2e-5 and 5e-6 < efficiency["allreduce_latency_s"] < 2e-5
+    eager = [min(c["ops"]["pp_handoff"], key=lambda r: r["bytes"])["seconds"] for c in microbench["collectives"]]
+    assert min(eager) > 2 * efficiency["p2p_latency_s"]
+    assert efficiency["pp_microbatches"] == 1 and "in turn" in sources["efficiency.pp_microbatches"]
+    other_engine, _ = from_microbenchmarks(hardware, microbench, engine="trtllm")
+    assert "pp_microbatches" not in other_engine
+
+
+def test_a_measurement_of_other_hardware_or_the_cpu_is_refused() -> None:
+    microbench = json.loads(MICROBENCH_C.read_text())
+    with pytest.raises(ProfileError, match="ran on 'NVIDIA H100 80GB HBM3', not on h200-sxm"):
+        from_microbenchmarks(get_hardware("h200-sxm"), microbench)
+    on_cpu = {**microbench, "environment": {"device": "cpu", "gpu_name": "cpu", "host": "laptop"}}
+    with pytest.raises(ProfileError, match="measured on the CPU .host laptop., not on h100-sxm"):
+        from_microbenchmarks(get_hardware("h100-sxm"), on_cpu)
+
+
+def test_an_engine_without_micro_batches_runs_its_pp_stages_in_turn() -> None:
+    from infscale.calibration import with_efficiency
+    from infscale.catalog import get_model
+    from infscale.layout import Layout
+    from infscale.perfmodel import build_step_model
+
+    model, hardware = get_model("llama-3.1-8b"), get_hardware("h100-sxm")
+    pipelined = build_step_model(model, hardware, Layout(dp=1, tp=2, pp=2), "bf16", "bf16")
+    in_turn = build_step_model(model, with_efficiency(hardware, {"pp_microbatches": 1}), Layout(dp=1, tp=2, pp=2),
+                               "bf16", "bf16")
+    batch, context = 64, 64 * 4096
+    expected = 2 * (in_turn.stage_time(batch, context, context) + in_turn.p2p_time(batch)) + in_turn.iteration_overhead
+    assert in_turn.iteration_time(batch, batch, context, context) == pytest.approx(expected)
+    # split in two micro-batches each stage reads half the KV per pass: the in-turn engine pays all of it twice
+    assert in_turn.iteration_time(batch, batch, context, context) > pipelined.iteration_time(batch, batch, context,
+                                                                                             context)
+    first, slope = in_turn.decode_line(batch, context)
+    assert first == pytest.approx(expected) and slope == pytest.approx(2 * batch * in_turn.kv_bytes_per_token
+                                                                       / in_turn.hbm_bandwidth)
+    tp4 = Layout(dp=1, tp=4, pp=1)  # no PP: nothing changes
+    assert build_step_model(model, with_efficiency(hardware, {"pp_microbatches": 1}), tp4, "bf16", "bf16"
+                            ).iteration_time(8, 8, 8000, 8000) == pytest.approx(
+        build_step_model(model, hardware, tp4, "bf16", "bf16").iteration_time(8, 8, 8000, 8000))
+
+
 def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
     campaign = load_campaign(CONFIG)
     planned = plan_campaign(campaign)
@@ -92,7 +145,7 @@ def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
     base = hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(update=measured)})
     fitted, sources, cells, rms = fit_engine_constants(with_hardware(campaign, base), planned, merged, base,
                                                        ["llama-3.1-8b"])
-    assert len(cells) == 10 and all(c.startswith("llama-3.1-8b.") for c in cells)  # PP cells included (graphed)
+    assert len(cells) == 14 and all(c.startswith("llama-3.1-8b.") for c in cells)  # PP cells included (graphed)
     assert set(fitted) == {"matmul", "iteration_overhead_s"} and np.isfinite(rms)
     profile = make_profile("test-profile", hardware, "torch", {**measured, **fitted}, {
         **{f"efficiency.{k}": "microbenchmark" for k in measured}, **sources}, [MICROBENCH, ROOFLINE], cells)

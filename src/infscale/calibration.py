@@ -129,16 +129,50 @@ def moe_layer_latency(moe_block: dict[str, Any]) -> tuple[float, str]:
     return float(intercept), source
 
 
-def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any], roofline: dict[str, Any],
-                         moe_block: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, str]]:
-    """Efficiency constants measured by the GPU benchmarks, each with how it was obtained."""
+# What an engine's iterations are, by construction (not measured): set in every profile of that engine.
+ENGINE_STRUCTURE = {
+    "torch": ({"pp_microbatches": 1}, "the torch engine runs an iteration's whole batch through its PP stages in "
+                                      "turn, one micro-batch (backends/torch/workers.py); stages do not overlap"),
+}
+
+
+def check_measured_on(hardware: Hardware, microbench: dict[str, Any]) -> str:
+    """The GPU name the microbenchmarks ran on; ProfileError unless it is the catalog hardware's GPU."""
+    environment = microbench.get("environment", {})
+    gpu = str(environment.get("gpu_name", "?"))
+    if environment.get("device") == "cpu" or gpu == "cpu":
+        raise ProfileError(f"the microbenchmarks were measured on the CPU (host {environment.get('host', '?')}), "
+                           f"not on {hardware.name}: run them on a {hardware.name} node (no profile written)")
+    family = hardware.name.split("-")[0].upper()  # h100-sxm -> H100
+    if family not in gpu.upper():
+        raise ProfileError(f"the microbenchmarks ran on {gpu!r}, not on {hardware.name} ({hardware.description})")
+    return gpu
+
+
+def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any], roofline: dict[str, Any] | None = None,
+                         moe_block: dict[str, Any] | None = None,
+                         engine: str = "torch") -> tuple[dict[str, float], dict[str, str]]:
+    """Efficiency constants measured by the GPU benchmarks, each with how it was obtained, plus the engine's
+    structural constants (ENGINE_STRUCTURE)."""
+    gpu = check_measured_on(hardware, microbench)
     efficiency: dict[str, float] = {}
     sources: dict[str, str] = {}
+    if engine in ENGINE_STRUCTURE:
+        values, why = ENGINE_STRUCTURE[engine]
+        efficiency.update(values)
+        sources.update({f"efficiency.{name}": why for name in values})
     if moe_block is not None:
         efficiency["moe_layer_latency_s"], sources["efficiency.moe_layer_latency_s"] = moe_layer_latency(moe_block)
-    gpu = microbench.get("environment", {}).get("gpu_name", "?")
 
-    tp1 = [r for r in roofline["rows"] if r["tp"] == 1]
+    tp1 = [r for r in roofline["rows"] if r["tp"] == 1] if roofline else []
+    memory = microbench.get("memory", {})
+    if not tp1 and memory.get("hbm_read_bytes_per_s"):
+        read = memory["hbm_read_bytes_per_s"]
+        efficiency["hbm_bandwidth"] = min(1.0, read / hardware.hbm_bandwidth)
+        sources["efficiency.hbm_bandwidth"] = (
+            f"HBM read of a {memory.get('buffer_bytes', 0) / 2**30:.0f} GiB reduction: {read / 1e12:.2f} TB/s on "
+            f"{gpu}, over the {hardware.hbm_bandwidth / 1e12:.2f} TB/s peak (no decode-step roofline given: an "
+            "upper bound on what decode kernels reach)")
     if tp1:
         # bytes a decode step must read over its measured time: what decode kernels reach, over the peak
         achieved = [r["bytes_per_step"] / r["step_seconds_median"] for r in tp1]
@@ -165,8 +199,18 @@ def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any], rooflin
             f"NCCL all-reduce of {largest['bytes'] / 2**20:.0f} MiB on {widest['world']} GPUs: "
             f"{largest['bus_bytes_per_s'] / 1e9:.0f} GB/s bus bandwidth ({gpu})")
 
+    handoff, handoff_source = graphed_small_message(microbench, "pp_handoff")
+    if handoff is not None:
+        efficiency["p2p_latency_s"] = handoff
+        sources["efficiency.p2p_latency_s"] = (f"PP hand-off (a broadcast in a 2-rank NCCL group) {handoff_source} "
+                                               f"({gpu})")
+    allreduce_graphed, allreduce_source = graphed_small_message(microbench, "all_reduce")
+    if allreduce_graphed is not None and not roofline:
+        efficiency["allreduce_latency_s"] = allreduce_graphed
+        sources["efficiency.allreduce_latency_s"] = f"NCCL all-reduce {allreduce_source} ({gpu})"
+
     alphas = []
-    for row in roofline["rows"]:
+    for row in (roofline or {}).get("rows", []):
         without = row.get("without_layer_allreduce")
         if row["tp"] > 1 and without and row.get("layer_allreduces_per_step"):
             per_call = (row["step_seconds_median"] - without["step_seconds_median"]) / row["layer_allreduces_per_step"]
@@ -182,8 +226,27 @@ def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any], rooflin
             "all-reduce inside a CUDA-graph decode step (step time with and without the per-layer all-reduces, "
             "Llama-3.1-8B batch 64): " + ", ".join(
                 f"TP{tp} {np.median([p for p, _ in v]) * 1e6:.1f} us per call" for tp, v in sorted(by_tp.items()))
-            + "; latency = per call − transfer at the bus bandwidth, median over ranks")
+            + "; latency = per call − transfer at the bus bandwidth, median over ranks"
+            + (f" (the microbenchmark's {allreduce_source}: {allreduce_graphed * 1e6:.1f} us)"
+               if allreduce_graphed is not None else ""))
     return efficiency, sources
+
+
+def graphed_small_message(microbench: dict[str, Any], op: str) -> tuple[float | None, str]:
+    """Latency of one call of a collective issued inside a CUDA graph (as decode steps issue them): the smallest
+    message's per-call time, median over the measured GPU counts; (None, "") for microbenchmark files without it."""
+    found = []
+    for curve in microbench.get("collectives", []):
+        rows = [r for r in curve.get("ops", {}).get(op, []) if "graph_seconds" in r]
+        if rows:
+            smallest = min(rows, key=lambda r: r["bytes"])
+            found.append((curve["world"], smallest["bytes"], smallest["graph_seconds"]))
+    if not found:
+        return None, ""
+    latency = float(np.median([seconds for _, _, seconds in found]))
+    detail = ", ".join(f"{world} GPUs {seconds * 1e6:.1f} us" for world, _, seconds in found)
+    return latency, (f"of {found[0][1]} B inside a CUDA graph (per call of 20 captured): {detail}; median "
+                     f"{latency * 1e6:.1f} us")
 
 
 # ---------------------------------------------------------------------------------------- fit on cells

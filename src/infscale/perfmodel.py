@@ -3,6 +3,7 @@
 An iteration of `T` tokens (decodes plus prompt chunks) on a replica of TP × PP GPUs takes
 
     t_iter = PP · (t_stage(T/m) + t_p2p(T/m)) + t_0          with m = min(PP, sequences) micro-batches
+                                                            (m = 1 for an engine that does not micro-batch)
     t_stage = max(W_bytes(T)/BW, F_gemm(T)/F) + max(KV_bytes/BW, F_attn/F) + t_allreduce(T) + t_alltoall(T)
               + L_moe · t_moe
 
@@ -56,6 +57,7 @@ class StepModel:
     p2p_latency: float
     p2p_bandwidth: float
     iteration_overhead: float
+    pp_microbatches: int = 0        # 0: one micro-batch per stage; n: at most n (1: the stages in turn)
 
     # -------------------------------------------------------------------------------------------- parts
 
@@ -94,8 +96,12 @@ class StepModel:
 
     # -------------------------------------------------------------------------------------------- iterations
 
+    def microbatches(self, sequences: float) -> int:
+        most = self.pp_microbatches or self.pp
+        return int(max(1, min(most, sequences)))
+
     def iteration_time(self, sequences: int, tokens: float, kv_tokens_read: float, attention_pairs: float) -> float:
-        microbatches = max(1, min(self.pp, sequences))
+        microbatches = self.microbatches(sequences)
         per_mb = self.stage_time(tokens / microbatches, kv_tokens_read / microbatches, attention_pairs / microbatches,
                                  sequences / microbatches)
         return self.pp * (per_mb + self.p2p_time(tokens / microbatches)) + self.iteration_overhead
@@ -103,7 +109,7 @@ class StepModel:
     def decode_line(self, sequences: int, total_context: float) -> tuple[float, float]:
         """(time of the first decode step, increase per further step) for a fixed batch of `sequences`."""
         first = self.iteration_time(sequences, sequences, total_context, total_context)
-        microbatches = max(1, min(self.pp, sequences))
+        microbatches = self.microbatches(sequences)
         per_token_of_context = max(self.kv_bytes_per_token / self.hbm_bandwidth,
                                    self.attention_flops_per_pair / self.attention_flops)
         # each step adds `sequences` tokens of context, split over the micro-batches, on each of pp stages
@@ -174,4 +180,5 @@ def build_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weigh
         p2p_latency=eff.internode_latency_s if spans_nodes else eff.p2p_latency_s,
         p2p_bandwidth=hardware.internode_bandwidth if spans_nodes else hardware.nvlink_bandwidth,
         iteration_overhead=eff.iteration_overhead_s,
+        pp_microbatches=eff.pp_microbatches,
     )

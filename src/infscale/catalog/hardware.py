@@ -36,6 +36,9 @@ class Efficiency(BaseModel):
     # Fixed cost of one MoE layer per iteration beyond reading its experts (router, top-k, sorting the routed
     # slots, the grouped-GEMM launches), seconds. 0 unless a profile measured it (the MoE block benchmark).
     moe_layer_latency_s: float = Field(default=0.0, ge=0)
+    # Micro-batches a PP engine splits an iteration's batch into: 0 = one per stage, so the stages work at once
+    # (TensorRT-LLM, vLLM); 1 = the whole batch goes through the stages in turn (the torch engine).
+    pp_microbatches: int = Field(default=0, ge=0)
     # Device memory per GPU kept for activations and workspace, outside weights and KV cache, bytes.
     activation_reserve_bytes: int = Field(ge=0)
 
