@@ -52,6 +52,15 @@ def test_scope_names_what_the_validation_did_not_cover():
                                                       "OSL 16384 > 5120")
 
 
+def test_scope_compares_osl_as_numbers_as_validate_writes_them():
+    """`infscale validate` writes OSL as text (a label, e.g. "1024"): "16384" must still count above "4096"."""
+    committed = pl.read_parquet(ROOT / "results" / "reference" / "gpu-node"
+                                / "validation.h100-sxm.torch.2026-11-27c.parquet")
+    assert committed.schema["osl"] == pl.String
+    assert ValidationScope.of(committed).max_osl == 16384
+    assert ValidationScope.of(committed).beyond("llama-3.1-8b", "bf16", 4, 16384) is None
+
+
 def test_extrapolate_the_8_gpu_node_from_the_4_gpu_validation(tmp_path: Path, capsys):
     out = tmp_path / "pred"
     args = ["extrapolate", str(ROOT / "config" / "h100-node.yaml"), "--validation", str(VALIDATION),

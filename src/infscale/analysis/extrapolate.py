@@ -82,7 +82,7 @@ class ValidationScope:
         precisions = {cell_id.split(".")[1] for cell_id in rows.get_column("cell_id").to_list()}
         gpus = [Layout.parse(text).gpus for text in rows.get_column("layout").to_list()]
         return cls(frozenset(rows.get_column("model").to_list()), frozenset(precisions), max(gpus),
-                   int(rows.get_column("osl").max()))
+                   int(rows.get_column("osl").cast(pl.Int64).max()))  # strings in a validation table
 
     def beyond(self, model: str, precision: str, gpus: int, osl: int) -> str | None:
         reasons = []
