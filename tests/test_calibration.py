@@ -3,6 +3,7 @@ model, and the errors a user gets for a bad profile."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -187,3 +188,66 @@ def test_cli_refuses_a_profile_of_other_hardware_and_a_fit_without_models(capsys
     assert main(["calibrate", "--hardware", "h100-sxm", "--microbench", str(MICROBENCH), "--roofline", str(ROOFLINE),
                  "--name", "x", "--out", "/dev/null", "--fit", str(CONFIG)]) == 2
     assert "--fit needs --train-models" in capsys.readouterr().err
+
+
+def _sim_campaign(tmp_path: Path, profile: str | None, backend: str = "sim"):
+    from infscale.campaign import load_campaign
+
+    hardware = {"name": "h100-sxm", **({"profile": profile} if profile else {})}
+    spec = {"name": "prof", "backend": backend, "hardware": hardware, "models": ["llama-3.1-8b"],
+            "layouts": ["tp2", "pp2"], "workloads": [{"name": "r", "isl": 256, "osl": 512}], "requests": 16}
+    path = tmp_path / f"prof-{backend}-{bool(profile)}.yaml"
+    path.write_text(json.dumps(spec))
+    return load_campaign(path)
+
+
+def test_a_sim_campaign_predicts_with_the_profile_it_names(tmp_path: Path) -> None:
+    """hardware.profile: the sim cells carry the profile in their identity and their files its provenance, and
+    the numbers are the profile's (PP2 runs its stages in turn with profile c)."""
+    import shutil
+
+    from infscale.launch.runner import run_cells
+    from infscale.results.io import cell_file, read_metadata, read_summary
+
+    profile_path = PROFILES / "h100-sxm.torch.2026-11-27c.yaml"
+    shutil.copy(profile_path, tmp_path / "c.yaml")
+    plain, profiled = _sim_campaign(tmp_path, None), _sim_campaign(tmp_path, "c.yaml")  # relative to the file
+    assert profiled.hardware.efficiency.pp_microbatches == 1 and plain.hardware.efficiency.pp_microbatches == 0
+    plain_cells, profiled_cells = plan_campaign(plain), plan_campaign(profiled)
+    label = profiled_cells[0].cell.hardware_profile
+    assert label is not None and label.startswith("h100-sxm.torch.2026-11-27c@")
+    assert plain_cells[0].cell.hardware_profile is None and "hardware_profile" not in plain_cells[0].cell.spec_json
+    assert {p.cell.id for p in plain_cells}.isdisjoint({p.cell.id for p in profiled_cells})
+    assert profiled_cells[0].est_seconds != plain_cells[0].est_seconds  # the planner uses the profile too
+
+    run_cells(profiled, profiled_cells, tmp_path / "out")
+    run_cells(plain, plain_cells, tmp_path / "plain")
+    for planned, other in zip(profiled_cells, plain_cells):
+        path = cell_file(tmp_path / "out", planned.cell.id)
+        recorded = read_metadata(path)["provenance"]["measurement"]["hardware_profile"]
+        assert recorded["sha256"] == hashlib.sha256(profile_path.read_bytes()).hexdigest()
+        assert recorded["efficiency"]["pp_microbatches"] == 1
+        assert label in pl.read_parquet(path).get_column("cell_json")[0]
+        mine, theirs = read_summary(path), read_summary(cell_file(tmp_path / "plain", other.cell.id))
+        assert mine["output_tok_s"] != theirs["output_tok_s"]
+
+
+def test_a_campaign_profile_that_cannot_be_used_is_a_spec_error(tmp_path: Path) -> None:
+    from infscale.campaign import SpecError
+
+    with pytest.raises(SpecError, match=r"hardware.profile: .*missing.yaml: no such profile file"):
+        _sim_campaign(tmp_path, "missing.yaml")
+    other = tmp_path / "h200.yaml"
+    other.write_text((PROFILES / "h100-sxm.torch.2026-11-27c.yaml").read_text().replace("hardware: h100-sxm",
+                                                                                        "hardware: h200-sxm"))
+    with pytest.raises(SpecError, match=r"hardware.profile: profile 'h100-sxm.torch.2026-11-27c' is for h200-sxm, "
+                                        "not h100-sxm"):
+        _sim_campaign(tmp_path, str(other))
+
+
+def test_a_measuring_campaign_keeps_its_cells_whatever_the_profile(tmp_path: Path) -> None:
+    """A torch cell's identity does not depend on the model's constants (only its time estimate does)."""
+    plain = plan_campaign(_sim_campaign(tmp_path, None, backend="torch"))
+    profiled = plan_campaign(_sim_campaign(tmp_path, str(PROFILES / "h100-sxm.torch.2026-11-27c.yaml"), "torch"))
+    assert [p.cell.id for p in plain] == [p.cell.id for p in profiled]
+    assert [p.est_seconds for p in plain] != [p.est_seconds for p in profiled]

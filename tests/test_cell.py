@@ -92,6 +92,7 @@ ALTERED_FIELDS = {
     "engine": EngineKnobs(kv_memory_fraction=0.9, max_num_seqs=1024),
     "seed": 1,
     "proxy_layers": 8,
+    "hardware_profile": "h100-sxm.torch.2026-11-27c@0123456789ab",
 }
 
 

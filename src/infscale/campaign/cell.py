@@ -30,6 +30,8 @@ class Cell(BaseModel):
     engine: EngineKnobs
     seed: int = 0
     proxy_layers: int | None = Field(default=None, gt=0)  # a layer-sliced proxy of the model (None: full run)
+    # sim cells of a campaign that predicts with a hardware profile: "name@sha256[:12]" (None: catalog constants)
+    hardware_profile: str | None = None
 
     @property
     def layout(self) -> Layout:
@@ -37,9 +39,10 @@ class Cell(BaseModel):
 
     @cached_property
     def spec_json(self) -> str:
-        """Canonical JSON: the identity of the measurement. A full run leaves `proxy_layers` out, so full cells
-        keep the hashes (and files) they had before proxy runs existed."""
-        return self.model_dump_json(exclude={"proxy_layers"} if self.proxy_layers is None else None)
+        """Canonical JSON: the identity of the measurement. Fields added later are left out while unset, so cells
+        keep the hashes (and files) they had before those fields existed."""
+        unset = {name for name in ("proxy_layers", "hardware_profile") if getattr(self, name) is None}
+        return self.model_dump_json(exclude=unset or None)
 
     @cached_property
     def spec_hash(self) -> str:

@@ -86,6 +86,7 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
                                     precision=precision, dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep,
                                     workload=workload.name, isl=isl, osl=osl, requests=count, arrival=arrival,
                                     engine=knobs, seed=spec.seed, proxy_layers=entry.proxy_layers,
+                                    hardware_profile=campaign.prediction_profile,
                                 )
                                 if cell.id in seen:
                                     continue
@@ -123,8 +124,9 @@ _STEP_CACHE: dict[tuple, StepModel] = {}
 
 def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Precision, fraction: float,
             block_size: int, proxy_layers: int | None = None) -> MemoryPlan:
-    key = (model.name, model.source, hardware.name, layout, precision.weights, precision.kv, fraction, block_size,
-           proxy_layers)
+    # the efficiency constants are part of the key: a hardware profile changes them under the same hardware name
+    key = (model.name, model.source, hardware.name, hardware.efficiency, layout, precision.weights, precision.kv,
+           fraction, block_size, proxy_layers)
     if key not in _MEMORY_CACHE:
         _MEMORY_CACHE[key] = plan_memory(model, hardware, layout, precision.weights, precision.kv, fraction,
                                          block_size, proxy_layers)
@@ -132,7 +134,7 @@ def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Pre
 
 
 def _step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str) -> StepModel:
-    key = (model.name, model.source, hardware.name, layout, weight_dtype, kv_dtype)
+    key = (model.name, model.source, hardware.name, hardware.efficiency, layout, weight_dtype, kv_dtype)
     if key not in _STEP_CACHE:
         _STEP_CACHE[key] = build_step_model(model, hardware, layout, weight_dtype, kv_dtype)
     return _STEP_CACHE[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -292,6 +293,9 @@ class Workload(_Strict):
 class HardwareTarget(_Strict):
     name: str
     nodes: int = Field(default=1, gt=0, description="most nodes one layout may use")
+    profile: str | None = Field(default=None, description="a hardware profile (infscale calibrate) whose measured "
+                                "constants the sim model and the planner use; a path relative to the campaign "
+                                "file, or to the working directory")
 
 
 class CampaignSpec(_Strict):
@@ -351,18 +355,44 @@ class CampaignSpec(_Strict):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class ProfileRef:
+    """The hardware profile a campaign predicts with: where it was read, its content hash and what it says."""
+
+    path: Path
+    sha256: str
+    name: str
+    created_at: str
+    engine: str
+    efficiency: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+    def provenance(self) -> dict[str, object]:
+        return {"name": self.name, "sha256": self.sha256, "path": str(self.path), "created_at": self.created_at,
+                "engine": self.engine, "efficiency": self.efficiency}
+
+
 class Campaign:
     """A validated campaign: the spec plus the catalog entries it names."""
 
     def __init__(self, spec: CampaignSpec, path: Path | None, config_hash: str,
                  models: dict[str, ModelArch], hardware: Hardware,
-                 layouts: dict[str, list[Layout] | LayoutSweep]):
+                 layouts: dict[str, list[Layout] | LayoutSweep], profile: ProfileRef | None = None):
         self.spec = spec
         self.path = path
         self.config_hash = config_hash
         self.models = models            # entry name -> architecture
-        self.hardware = hardware
+        self.hardware = hardware        # with the profile's constants in place when the campaign names one
         self.layouts = layouts          # entry name -> explicit layouts, or the sweep to expand
+        self.profile = profile
+
+    @property
+    def prediction_profile(self) -> str | None:
+        """The label sim cells carry (it enters their spec hash: other constants, other predictions)."""
+        return self.profile.label if self.profile is not None and self.spec.backend == "sim" else None
 
     @property
     def name(self) -> str:
@@ -413,6 +443,9 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         hardware = get_hardware(spec.hardware.name)
     except CatalogError as err:
         raise SpecError([f"{source}: hardware.name: {err}"]) from None
+    profile = None
+    if spec.hardware.profile is not None:
+        hardware, profile = _with_profile(source, spec.hardware.profile, path, hardware)
 
     models: dict[str, ModelArch] = {}
     layouts: dict[str, list[Layout] | LayoutSweep] = {}
@@ -473,7 +506,23 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
     problems += engine_problems
     if problems:
         raise SpecError(problems)
-    return Campaign(spec, path, config_hash, models, hardware, layouts)
+    return Campaign(spec, path, config_hash, models, hardware, layouts, profile)
+
+
+def _with_profile(source: str, given: str, path: Path | None, hardware: Hardware) -> tuple[Hardware, ProfileRef]:
+    """The catalog hardware with the profile's constants, and what the cells record of the profile."""
+    from infscale.calibration import ProfileError, load_profile, sha256_of  # calibration imports this module
+
+    where = Path(given)
+    if not where.is_absolute() and path is not None and (path.parent / where).exists():
+        where = path.parent / where
+    try:
+        profile = load_profile(where)
+        patched = profile.apply(hardware)
+    except ProfileError as err:
+        raise SpecError([f"{source}: hardware.profile: {err}"]) from None
+    return patched, ProfileRef(where, sha256_of(where), profile.name, profile.created_at, profile.engine,
+                               dict(profile.efficiency))
 
 
 def _proxy_problems(source: str, index: int, entry: ModelEntry, model: ModelArch,

@@ -67,7 +67,16 @@ class SimBackend:
             requests=request_rows(state),
             series=series_rows(replicas),
             predicted=True,
-            provenance=None if cell.proxy_layers is None else {"proxy": {
-                "proxy_layers": cell.proxy_layers, "full_layers": model.num_layers,
-                "method": "none: the sim predicts the full model; proxy_layers only labels the cell"}},
+            provenance=_provenance(cell, model.num_layers, campaign),
         )
+
+
+def _provenance(cell: Cell, full_layers: int, campaign: Campaign) -> dict[str, object] | None:
+    """What the prediction rests on beyond the cell: the hardware profile's constants, a proxy's label."""
+    provenance: dict[str, object] = {}
+    if campaign.profile is not None:
+        provenance["hardware_profile"] = campaign.profile.provenance()
+    if cell.proxy_layers is not None:
+        provenance["proxy"] = {"proxy_layers": cell.proxy_layers, "full_layers": full_layers,
+                               "method": "none: the sim predicts the full model; proxy_layers only labels the cell"}
+    return provenance or None
