@@ -15,6 +15,7 @@ from infscale.launch.runner import run_cells
 
 pytestmark = pytest.mark.torch
 TINY_LLAMA = Path(__file__).resolve().parents[1] / "data" / "hf" / "tiny-llama.json"
+TINY_MOE = TINY_LLAMA.with_name("tiny-qwen3-moe.json")
 
 
 def test_tiny_campaign_is_measured_by_the_torch_backend(tmp_path):
@@ -54,3 +55,20 @@ def test_least_loaded_poisson_is_refused_for_separate_replicas(tmp_path):
     planned = [p for p in plan_campaign(campaign) if p.feasible]
     (outcome,) = run_cells(campaign, planned, tmp_path)
     assert outcome.status == "failed" and "use router round_robin" in outcome.reason
+
+
+def test_an_expert_parallel_cell_is_measured_with_its_experts_split(tmp_path):
+    """tp2ep2 of a MoE model: measured (each rank holds half of the experts at full width), labelled ep=2, and the
+    same tokens' worth of work as tp2."""
+    config = tmp_path / "moe.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny-moe", "backend": "torch", "hardware": "h100-sxm", "models": [str(TINY_MOE)],
+        "layouts": ["tp2", "tp2ep2"], "requests": 4, "engine": {"max_num_seqs": 4, "max_num_tokens": 64},
+        "workloads": [{"name": "w", "isl": 16, "osl": 6}],
+    }))
+    campaign = load_campaign(config)
+    planned = plan_campaign(campaign)
+    run_cells(campaign, [p for p in planned if p.feasible], tmp_path)
+    merged = merge_cells(planned, tmp_path, campaign.hardware.gpus_per_node).sort("ep")
+    assert merged["status"].to_list() == ["ok", "ok"] and merged["ep"].to_list() == [1, 2]
+    assert (merged["output_tokens"] == 4 * 6).all()

@@ -151,3 +151,43 @@ def test_token_count_check(arch):
     executor.generated[1].pop()
     with pytest.raises(OutputCheckError, match="request 1: 4 generated, OSL 5"):
         executor.check_outputs()
+
+
+@pytest.mark.parametrize("tp, ep", [(2, 2), (4, 2), (4, 4)])
+def test_expert_parallel_ranks_add_up_to_the_whole_block(arch, tp, ep):
+    """EP inside the TP group: each rank's share (its experts, its slice of their width) sums over the TP ranks to
+    the one-rank block, grouped GEMMs and the per-expert loop alike; the routing is every rank's."""
+    from infscale.backends.torch.model import MoEBlock, WeightFactory
+    from infscale.backends.torch.parallel import ParallelContext
+
+    moe = arch("qwen3_moe")
+    popularity = ExpertPopularity("zipf", 1.2, seed=3)
+
+    def block(ctx: ParallelContext) -> MoEBlock:
+        return MoEBlock(moe, 0, ctx, WeightFactory(5, torch.float32, torch.device("cpu")), popularity)
+
+    x = torch.randn(13, moe.hidden_size)
+    keys, positions = torch.arange(13), torch.arange(13) + 7
+    whole = block(ParallelContext())
+    expected = whole.partial(x, keys, positions)
+    ranks = [block(ParallelContext(tp=tp, ep=ep, tp_rank=r)) for r in range(tp)]
+    assert [r.local_experts for r in ranks] == [moe.num_experts // ep] * tp
+    assert sorted({r.first_expert for r in ranks}) == list(range(0, moe.num_experts, moe.num_experts // ep))
+    assert ranks[0].w_down.shape == (moe.num_experts // ep, moe.hidden_size, moe.moe_intermediate_size * ep // tp)
+    shares = [r.partial(x, keys, positions) for r in ranks]
+    torch.testing.assert_close(sum(shares), expected, rtol=1e-5, atol=1e-6)
+    for rank, share in zip(ranks, shares):
+        weights, experts = rank.route(x, keys, positions)
+        torch.testing.assert_close(rank.experts_loop(x, weights, experts), share, rtol=1e-5, atol=1e-6)
+        assert share.abs().sum() > 0  # every rank's experts got tokens here: no rank's share is trivially zero
+
+
+def test_expert_parallel_must_divide_tp_and_the_experts(arch):
+    from infscale.backends.torch.model import MoEBlock, WeightFactory
+    from infscale.backends.torch.parallel import ParallelContext, ParallelError
+
+    with pytest.raises(ParallelError, match="ep=3 must divide tp=4"):
+        ParallelContext.create(4, 1, ep=3)
+    with pytest.raises(ParallelError, match="ep=4 does not divide tiny-qwen3_moe's 6 experts"):
+        MoEBlock(arch("qwen3_moe", num_experts=6), 0, ParallelContext(tp=4, ep=4),
+                 WeightFactory(0, torch.float32, torch.device("cpu")), ExpertPopularity())

@@ -79,3 +79,22 @@ def test_fast_path_on_tp_pp_and_moe_gives_the_tp1_tokens(arch):
         assert multi.fast_steps > 0 and single.fast_steps == 0, name
         for request in range(len(ISL)):
             assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
+
+
+def test_expert_parallel_gives_the_tp1_tokens(arch):
+    """tp2ep2 on 2 gloo ranks (each rank 4 of the 8 experts at full width), eager and on the graphed path, and
+    tp2 (every rank a half of every expert): the single-rank tokens and the same routing."""
+    moe = ExpertPopularity("zipf", 1.2, seed=1)
+    model = arch("qwen3_moe")
+    (single,) = serve_on_ranks([_spec(model, num_blocks=64, popularity=moe)])
+    eager, graphed = serve_on_ranks([
+        _spec(model, 2, 1, num_blocks=64, popularity=moe, ep=2),
+        _spec(model, 2, 1, num_blocks=64, popularity=moe, ep=2, fast=True, fast_ops="torch"),
+    ])
+    assert graphed.fast_steps > 0 and eager.fast_steps == 0
+    for name, multi in (("eager", eager), ("graphed", graphed)):
+        assert (multi.state.generated == OSL).all(), name
+        for request in range(len(ISL)):
+            assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
+        for layer, counts in single.expert_counts.items():
+            np.testing.assert_array_equal(multi.expert_counts[layer], counts)

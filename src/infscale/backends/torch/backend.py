@@ -81,7 +81,8 @@ class TorchBackend:
         return CellWork(arch=arch, tp=cell.tp, pp=cell.pp, dp=cell.dp, requests=requests, routes=routes,
                         arrival=cell.arrival, config=config,
                         dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,
-                        kv_memory_fraction=cell.engine.kv_memory_fraction, num_layers=cell.proxy_layers)
+                        kv_memory_fraction=cell.engine.kv_memory_fraction, num_layers=cell.proxy_layers,
+                        ep=cell.ep)
 
     def _run(self, work: CellWork, world: int) -> list[RankReport]:
         if self._joined is not None:

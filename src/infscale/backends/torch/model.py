@@ -237,7 +237,11 @@ class DenseMLP:
 class MoEBlock:
     """Qwen3-MoE sparse block: router softmax → top-k → renormalise; experts computed grouped by expert.
 
-    Experts are TP-sharded along their FFN width (every rank holds a slice of every expert); EP is for later.
+    Experts are TP-sharded along their FFN width (every rank holds a slice of every expert); with EP (ep > 1) the
+    TP ranks form ep groups, each holding E/ep whole experts split over its tp/ep ranks. Every TP rank sees every
+    token (activations are replicated across TP), so a rank computes its experts' share of the routed slots and the
+    TP all-reduce that follows sums the shares: EP changes how many experts a rank reads and how wide their GEMMs
+    are, not the collectives (as an engine that runs EP inside its TP group does; no all-to-all).
     The expert GEMMs run as two grouped GEMMs (`torch._grouped_mm`) over the routed slots sorted by expert, with
     the group offsets computed on the device: no host synchronisation, so the block runs inside a CUDA graph and
     reads each routed expert's weights once per step, as a production engine's grouped-GEMM MoE does.
@@ -253,14 +257,24 @@ class MoEBlock:
         self.num_experts = e = arch.num_experts
         self.popularity = popularity
         hidden, inter = arch.hidden_size, arch.moe_intermediate_size
-        rows = _split(inter, ctx.tp, ctx.tp_rank, "moe_intermediate_size")
+        if e % ctx.ep:
+            raise ParallelError(f"ep={ctx.ep} does not divide {arch.name}'s {e} experts")
+        shard, shards = ctx.expert_shard
+        rows = _split(inter, shards, shard, "moe_intermediate_size")
+        self.local_experts = e // ctx.ep
+        self.first_expert = ctx.expert_group * self.local_experts
+        local = slice(self.first_expert, self.first_expert + self.local_experts)
         prefix = f"model.layers.{layer}.mlp."
         self.w_router = weights.full(prefix + "gate.weight", (e, hidden))  # replicated: every rank routes alike
-        # experts stacked [E, …]; one generator per stacked tensor (the same model for every TP)
-        self.w_gate_up = torch.cat([weights.rows(prefix + "experts.gate_proj.weight", (e, inter, hidden), *rows, 1),
-                                    weights.rows(prefix + "experts.up_proj.weight", (e, inter, hidden), *rows, 1)],
-                                   dim=1)
-        self.w_down = weights.rows(prefix + "experts.down_proj.weight", (e, hidden, inter), *rows, dim=2)
+
+        def experts(name: str, shape: tuple[int, int, int], dim: int) -> torch.Tensor:
+            # one generator per stacked tensor [E, …] (the same model for every TP/EP), then this rank's part
+            tensor = weights.rows(prefix + name, shape, *rows, dim=dim)
+            return tensor if self.local_experts == e else tensor[local].clone()
+
+        self.w_gate_up = torch.cat([experts("experts.gate_proj.weight", (e, inter, hidden), 1),
+                                    experts("experts.up_proj.weight", (e, inter, hidden), 1)], dim=1)
+        self.w_down = experts("experts.down_proj.weight", (e, hidden, inter), 2)
         device = weights.device
         self.shares = None
         if popularity.mode != "router":
@@ -286,26 +300,42 @@ class MoEBlock:
                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's share of the block's output (before the TP all-reduce); no host synchronisation."""
         weights, experts = self.route(x, keys, positions, valid)
-        flat = experts.reshape(-1)
+        flat, slot_weights = self._local_slots(experts, weights)
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k
-        per_expert = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        # slots of other ranks' experts carry index local_experts: counted in a bin past the last group, so they
+        # sort to the end, lie beyond the last offset and get weight 0
+        per_expert = torch.zeros(self.local_experts + 1, dtype=torch.int32, device=x.device)
         per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offsets = torch.cumsum(per_expert, 0, dtype=torch.int32)
+        offsets = torch.cumsum(per_expert[:-1], 0, dtype=torch.int32)
         gathered = x[token]
         gate, up = torch._grouped_mm(gathered, self.w_gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
         out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
-        scaled = out * weights.reshape(-1)[order, None].to(x.dtype)
+        mine = slot_weights[order, None]
+        # rows past the last offset are not written by the grouped GEMM: select, never multiply, them away
+        scaled = torch.where(mine > 0, out * mine.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
         return torch.zeros_like(x).index_add_(0, token, scaled)
 
-    def experts_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """The reference: one pair of GEMMs per expert over its tokens (synchronises with the host)."""
+    def _local_slots(self, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each routed slot's expert as an index into this rank's experts (local_experts when it is another
+        rank's), and its routing weight (0 when it is another rank's); flattened [T·k]."""
         flat = experts.reshape(-1)
+        slot_weights = weights.reshape(-1)
+        if self.local_experts == self.num_experts:
+            return flat, slot_weights
+        local = flat - self.first_expert
+        mine = (local >= 0) & (local < self.local_experts)
+        return torch.where(mine, local, self.local_experts), torch.where(mine, slot_weights, 0.0)
+
+    def experts_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The reference: one pair of GEMMs per expert over its tokens (synchronises with the host); with EP only
+        this rank's experts, as `partial`."""
+        flat, slot_weights = self._local_slots(experts, weights)
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k
-        per_expert = torch.bincount(flat, minlength=self.num_experts).tolist()
+        per_expert = torch.bincount(flat, minlength=self.local_experts + 1).tolist()[:self.local_experts]
         gathered = x[token]
-        out = torch.empty_like(gathered)
+        out = torch.zeros_like(gathered)
         offset = 0
         for expert, count in enumerate(per_expert):
             if count:
@@ -313,7 +343,7 @@ class MoEBlock:
                 gate, up = F.linear(gathered[rows], self.w_gate_up[expert]).chunk(2, dim=-1)
                 out[rows] = F.linear(F.silu(gate) * up, self.w_down[expert])
                 offset += count
-        scaled = out * weights.reshape(-1)[order, None].to(x.dtype)
+        scaled = out * slot_weights[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, scaled)
 
     def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:

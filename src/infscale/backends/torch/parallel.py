@@ -21,6 +21,7 @@ class ParallelError(ValueError):
 class ParallelContext:
     tp: int = 1
     pp: int = 1
+    ep: int = 1                                        # MoE experts split over ep groups of the TP ranks
     tp_rank: int = 0
     pp_rank: int = 0
     base_rank: int = 0                                 # global rank of (stage 0, tp 0) of this replica
@@ -37,11 +38,13 @@ class ParallelContext:
         return cls()
 
     @classmethod
-    def create(cls, tp: int, pp: int, base_rank: int = 0) -> ParallelContext | None:
+    def create(cls, tp: int, pp: int, base_rank: int = 0, ep: int = 1) -> ParallelContext | None:
         """Build the groups of the replica whose ranks are base_rank … base_rank + tp*pp - 1; None on a rank
         outside it. Every rank of the world must call this with the same arguments in the same order
         (torch.distributed requires all ranks to take part in creating every group)."""
         size = tp * pp
+        if ep < 1 or tp % ep:
+            raise ParallelError(f"ep={ep} must divide tp={tp} (experts are split over groups of the TP ranks)")
         if size == 1:
             return cls()
         if not dist.is_initialized():
@@ -66,7 +69,7 @@ class ParallelContext:
         local = rank - base_rank
         if not 0 <= local < size:
             return None
-        return cls(tp=tp, pp=pp, tp_rank=local % tp, pp_rank=local // tp, base_rank=base_rank,
+        return cls(tp=tp, pp=pp, ep=ep, tp_rank=local % tp, pp_rank=local // tp, base_rank=base_rank,
                    tp_group=tp_group, model_group=model_group, prev_group=prev_group, next_group=next_group)
 
     # ---------------------------------------------------------------------------------------- geometry
@@ -91,6 +94,17 @@ class ParallelContext:
     def is_driver(self) -> bool:
         """The rank whose clock is the replica's clock (its durations are broadcast to the others)."""
         return self.pp_rank == 0 and self.tp_rank == 0
+
+    @property
+    def expert_group(self) -> int:
+        """Which of the ep expert groups this rank serves (TP ranks 0 … tp/ep − 1 serve group 0, and so on)."""
+        return self.tp_rank // (self.tp // self.ep)
+
+    @property
+    def expert_shard(self) -> tuple[int, int]:
+        """(index, count) of this rank's slice of each of its experts' FFN width: tp/ep ranks share a group."""
+        shards = self.tp // self.ep
+        return self.tp_rank % shards, shards
 
     def global_rank(self, stage: int, tp_rank: int) -> int:
         return self.base_rank + stage * self.tp + tp_rank

@@ -104,6 +104,7 @@ class ServeSpec:
     config: ReplicaConfig
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     dtype: str = "bfloat16"
     seed: int = 0
     num_layers: int | None = None
@@ -151,7 +152,7 @@ def serve_worker(rank: int, world_size: int, specs: list[ServeSpec]) -> list[Ser
     returns the results."""
     results = []
     for spec in specs:
-        ctx = ParallelContext.create(spec.tp, spec.pp)
+        ctx = ParallelContext.create(spec.tp, spec.pp, ep=spec.ep)
         if ctx is not None and (ctx.size > 1 or rank == 0):  # a one-rank spec runs on rank 0 only
             results.append(serve_replica(spec, ctx, local_device(rank)))
         dist.barrier()

@@ -68,6 +68,7 @@ class CellWork:
     dtype: str = "bfloat16"
     seed: int = 0
     num_layers: int | None = None       # a layer-sliced proxy: run this many layers, scale steps to arch's
+    ep: int = 1                         # MoE experts split over ep groups of the TP ranks
     popularity: ExpertPopularity = field(default_factory=ExpertPopularity)
     kv_memory_fraction: float = 0.9     # of the device memory free after weights and warm-up
     telemetry_interval_s: float = 0.1
@@ -160,14 +161,14 @@ class RankMember:
         return reports or []
 
     def _context(self, work: CellWork) -> ParallelContext:
-        key = (work.tp, work.pp, work.dp)
+        key = (work.tp, work.pp, work.dp, work.ep)
         if key not in self._contexts:
             size = work.tp * work.pp
             if size * work.dp != self.world:
                 raise RankFailure(f"the cell needs {size * work.dp} ranks, this group has {self.world}")
             mine = None
             for replica in range(work.dp):
-                ctx = ParallelContext.create(work.tp, work.pp, base_rank=replica * size)
+                ctx = ParallelContext.create(work.tp, work.pp, base_rank=replica * size, ep=work.ep)
                 if ctx is not None and replica == self.rank // size:
                     mine = ctx
             self._contexts[key] = mine if mine is not None else ParallelContext.single()
@@ -199,8 +200,8 @@ class RankMember:
         return executor, config  # type: ignore[return-value]
 
     def _model_for(self, work: CellWork, ctx: ParallelContext) -> DecoderModel:
-        key = (work.arch.model_dump_json(), work.tp, work.pp, work.dp, work.dtype, work.seed, work.num_layers,
-               work.popularity)
+        key = (work.arch.model_dump_json(), work.tp, work.pp, work.ep, work.dp, work.dtype, work.seed,
+               work.num_layers, work.popularity)
         if key != self._model_key:
             self._model = None  # free the last one before building the next
             gc.collect()
