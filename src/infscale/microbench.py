@@ -10,8 +10,11 @@ in `environment` and `infscale calibrate` refuses a CPU measurement for a GPU.
   attention    the torch engine's paged decode attention (its Triton kernel on GPU, the torch reference on CPU)
                for one layer of the first model against context length; KV bytes read per second
   allreduce    all-reduce latency and bus bandwidth, 2(n−1)/n · size / time (the historical key)
+  engine_overhead  the torch engine's cost per iteration, as its clock counts it, for a model that does next to
+               no work (2 layers, hidden 64): scheduling, launch and sampling
   collectives  per GPU count: all-reduce, all-gather, all-to-all, and the PP hand-off (a broadcast in a 2-rank
-               group, as the engine's stages pass activations; half a round trip) across message sizes
+               group, as the engine's stages pass activations; half a round trip) across message sizes;
+               eager and, for small messages on a GPU, per call of 20 captured in a CUDA graph
 
 Needs only torch and this package's catalog (no polars/submitit), so it also runs on a bare GPU machine.
 """
@@ -35,7 +38,8 @@ from infscale.catalog import get_model
 from infscale.results.io import write_text_atomic
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
-FORMAT_VERSION = 2  # 1: benchmarks/gpu_microbench.py (memory, gemm, allreduce); 2 adds attention and collectives
+FORMAT_VERSION = 2  # 1: benchmarks/gpu_microbench.py (memory, gemm, allreduce); 2 adds attention, collectives
+# and engine_overhead
 
 
 # torch ≥ 2.12 renamed all_gather_into_tensor (the GPU machine has 2.11)
@@ -175,6 +179,38 @@ def bench_attention(sizes: Sizes, model: str, block_size: int = 16) -> dict[str,
             "kv_heads": kv_heads, "head_dim": dim, "rows": rows}
 
 
+def bench_engine_overhead(sizes: Sizes) -> dict[str, object]:
+    """The torch engine's fixed cost per iteration as its own clock counts it: a 2-layer, hidden-64 model (its
+    kernels do next to no work) served through the serving core; what a step still costs is scheduling, launch
+    and sampling. Decode-heavy (ISL 8, OSL 64) so most iterations are decode steps (CUDA graphs on a GPU)."""
+    import numpy as np
+
+    from infscale.backends.torch.parallel import ParallelContext
+    from infscale.backends.torch.spawn import ServeSpec, serve_replica
+    from infscale.catalog.models import ModelArch
+    from infscale.serving.cluster import ReplicaConfig
+    from infscale.serving.workload import Requests
+
+    arch = ModelArch(name="overhead-probe", family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
+                     num_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=256, max_context=4096,
+                     rope_theta=10000.0, source="infscale.microbench (tiny probe)")
+    rows = []
+    for batch in ([1, 8, 32] if sizes.cuda else [1, 4]):
+        isl, osl = np.full(batch, 8), np.full(batch, 64)
+        config = ReplicaConfig(num_blocks=batch * 5, block_size=16, max_num_seqs=batch, max_num_tokens=512)
+        spec = ServeSpec(arch, Requests(isl, osl, np.zeros(batch)), config,
+                         dtype="bfloat16" if sizes.cuda else "float32", warmup=True)
+        begin = time.perf_counter()
+        result = serve_replica(spec, ParallelContext.single(), device_of(sizes))
+        wall = time.perf_counter() - begin
+        clock = float(np.nanmax(result.state.finish))  # the engine's clock: the sum of its measured iterations
+        steps = result.iterations + result.decode_steps  # scheduled iterations + decode steps run in spans
+        rows.append({"batch": batch, "iterations": steps, "decode_steps": result.decode_steps,
+                     "graphed_steps": result.fast_steps, "engine_seconds": clock,
+                     "seconds_per_iteration": clock / steps, "wall_seconds_with_build": wall})
+    return {"model": "2 layers, hidden 64 (llama)", "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ collectives
 
 
@@ -307,6 +343,9 @@ def run_microbench(out: Path, worlds: list[int], models: list[str], device: str 
     log(f"gemm: {len(report['gemm'])} shapes")
     report["attention"] = bench_attention(sizes, models[0])
     log(f"attention: {len(report['attention']['rows'])} contexts")
+    report["engine_overhead"] = bench_engine_overhead(sizes)
+    log("engine overhead: " + ", ".join(f"batch {r['batch']} {r['seconds_per_iteration'] * 1e6:.0f} us"
+                                        for r in report["engine_overhead"]["rows"]))
     collectives = [bench_collectives(w, cuda) for w in worlds if w > 1]
     report["collectives"] = collectives
     report["allreduce"] = [{"world": c["world"], "sum_correct": c["sum_correct"], "sizes": c["ops"]["all_reduce"]}
