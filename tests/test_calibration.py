@@ -251,3 +251,14 @@ def test_a_measuring_campaign_keeps_its_cells_whatever_the_profile(tmp_path: Pat
     profiled = plan_campaign(_sim_campaign(tmp_path, str(PROFILES / "h100-sxm.torch.2026-11-27c.yaml"), "torch"))
     assert [p.cell.id for p in plain] == [p.cell.id for p in profiled]
     assert [p.est_seconds for p in plain] != [p.est_seconds for p in profiled]
+
+
+def test_the_engine_overhead_benchmark_gives_t0_when_nothing_is_fitted() -> None:
+    microbench = json.loads(MICROBENCH_C.read_text())
+    assert "engine_overhead" not in microbench  # measured before the benchmark existed: t_0 stays the catalog's
+    assert "iteration_overhead_s" not in from_microbenchmarks(get_hardware("h100-sxm"), microbench)[0]
+    microbench["engine_overhead"] = {"rows": [{"batch": b, "seconds_per_iteration": s}
+                                              for b, s in ((1, 1.2e-4), (8, 1.5e-4), (32, 2.5e-4))]}
+    efficiency, sources = from_microbenchmarks(get_hardware("h100-sxm"), microbench)
+    assert efficiency["iteration_overhead_s"] == pytest.approx(1.5e-4)
+    assert "batch 32 250 us" in sources["efficiency.iteration_overhead_s"]

@@ -199,6 +199,14 @@ def from_microbenchmarks(hardware: Hardware, microbench: dict[str, Any], rooflin
             f"NCCL all-reduce of {largest['bytes'] / 2**20:.0f} MiB on {widest['world']} GPUs: "
             f"{largest['bus_bytes_per_s'] / 1e9:.0f} GB/s bus bandwidth ({gpu})")
 
+    overhead = microbench.get("engine_overhead", {}).get("rows", [])
+    if overhead:
+        per_iteration = float(np.median([r["seconds_per_iteration"] for r in overhead]))
+        efficiency["iteration_overhead_s"] = per_iteration
+        each = ", ".join(f"batch {r['batch']} {r['seconds_per_iteration'] * 1e6:.0f} us" for r in overhead)
+        sources["efficiency.iteration_overhead_s"] = (
+            f"the torch engine's cost per iteration for a model that does next to no work (2 layers, hidden 64; "
+            f"{each}; median) on {gpu}")
     handoff, handoff_source = graphed_small_message(microbench, "pp_handoff")
     if handoff is not None:
         efficiency["p2p_latency_s"] = handoff
