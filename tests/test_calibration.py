@@ -262,3 +262,17 @@ def test_the_engine_overhead_benchmark_gives_t0_when_nothing_is_fitted() -> None
     efficiency, sources = from_microbenchmarks(get_hardware("h100-sxm"), microbench)
     assert efficiency["iteration_overhead_s"] == pytest.approx(1.5e-4)
     assert "batch 32 250 us" in sources["efficiency.iteration_overhead_s"]
+
+
+def test_the_microbenchmarks_as_tidy_rows_for_parquet() -> None:
+    from infscale.microbench import microbench_rows
+
+    microbench = json.loads(MICROBENCH_C.read_text())
+    rows = pl.DataFrame(microbench_rows(microbench))
+    assert rows.group_by("kind").len().sort("kind").rows() == [("attention", 6), ("collective", 88), ("gemm", 480),
+                                                               ("memory", 2)]
+    assert set(rows["gpu_name"]) == {"NVIDIA H100 80GB HBM3"} and set(rows["driver"]) == {"580.159.04"}
+    handoffs = rows.filter((pl.col("op") == "pp_handoff") & (pl.col("world") == 4)).sort("bytes")
+    assert handoffs["graph_seconds"][0] < handoffs["seconds"][0] and handoffs["graph_seconds"].null_count() > 0
+    committed = pl.read_parquet(MICROBENCH_C.with_suffix(".parquet"))  # written from the JSON by the same function
+    assert committed.equals(rows)

@@ -16,7 +16,8 @@ in `environment` and `infscale calibrate` refuses a CPU measurement for a GPU.
                group, as the engine's stages pass activations; half a round trip) across message sizes;
                eager and, for small messages on a GPU, per call of 20 captured in a CUDA graph
 
-Needs only torch and this package's catalog (no polars/submitit), so it also runs on a bare GPU machine.
+Writes microbench.json and the same measurements as tidy rows in microbench.parquet. Needs only torch, pyarrow
+and this package's catalog (no polars/submitit), so it also runs on a bare GPU machine.
 """
 
 from __future__ import annotations
@@ -321,6 +322,41 @@ def environment(cuda: bool) -> dict[str, object]:
     return env
 
 
+def microbench_rows(report: dict[str, object]) -> list[dict[str, object]]:
+    """The report as tidy rows (one per measurement) for Parquet: what was measured, its size, its time, its rate."""
+    env = report.get("environment", {})
+    smi = (env.get("gpus") or [""])[0].split(", ")  # nvidia-smi: name, driver, memory, clock
+    common = {"gpu_name": env.get("gpu_name"), "driver": smi[1] if len(smi) > 1 else None,
+              "date_utc": env.get("date_utc"), "device": env.get("device", "cuda")}
+    rows: list[dict[str, object]] = []
+
+    def add(kind: str, op: str, seconds: float | None, rate: float | None, unit: str, **size: object) -> None:
+        rows.append({**common, "kind": kind, "op": op, "seconds": seconds, "rate": rate, "rate_unit": unit,
+                     "world": None, "bytes": None, "graph_seconds": None, "model": None, "tp": None, "dtype": None,
+                     "m": None, "n": None, "k": None, "context": None, "batch": None, **size})
+
+    memory = report.get("memory", {})
+    for op, key in (("hbm_read", "hbm_read_bytes_per_s"), ("hbm_copy", "hbm_copy_bytes_per_s")):
+        if key in memory:
+            add("memory", op, None, memory[key], "B/s", bytes=memory.get("buffer_bytes"))
+    for g in report.get("gemm", []):
+        if "seconds" in g:
+            add("gemm", str(g.get("matrix")), g["seconds"], g["tflops"] * 1e12, "FLOP/s", model=g.get("model"),
+                tp=g.get("tp"), dtype=g["dtype"], m=g["m"], n=g["n"], k=g["k"])
+    attention = report.get("attention") or {}
+    for a in attention.get("rows", []):
+        add("attention", "paged_decode", a["seconds"], a["kv_bytes_per_s"], "B/s", model=attention.get("model"),
+            context=a["context"], batch=attention.get("batch"), bytes=a["kv_bytes"])
+    for curve in report.get("collectives", []):
+        for op, measured in curve.get("ops", {}).items():
+            for r in measured:
+                add("collective", op, r["seconds"], r["bus_bytes_per_s"], "B/s (bus)", world=curve["world"],
+                    bytes=r["bytes"], graph_seconds=r.get("graph_seconds"))
+    for r in (report.get("engine_overhead") or {}).get("rows", []):
+        add("engine_overhead", "iteration", r["seconds_per_iteration"], None, "", batch=r["batch"])
+    return rows
+
+
 def run_microbench(out: Path, worlds: list[int], models: list[str], device: str = "auto",
                    log: Callable[[str], None] = print) -> Path:
     """Measure everything and write OUT/microbench.json (never over an existing file: a measurement is kept)."""
@@ -351,6 +387,11 @@ def run_microbench(out: Path, worlds: list[int], models: list[str], device: str 
     report["allreduce"] = [{"world": c["world"], "sum_correct": c["sum_correct"], "sizes": c["ops"]["all_reduce"]}
                            if "ops" in c else c for c in collectives]
     log(f"collectives: {', '.join(str(c['world']) for c in collectives) or 'none'} rank(s)")
+    import pyarrow as pa
+
+    from infscale.results.io import write_table_atomic
+
+    write_table_atomic(pa.Table.from_pylist(microbench_rows(report)), target.with_suffix(".parquet"))
     return write_text_atomic(target, json.dumps(report, indent=1))
 
 
