@@ -265,10 +265,12 @@ def test_the_engine_overhead_benchmark_gives_t0_when_nothing_is_fitted() -> None
 
 
 def test_the_microbenchmarks_as_tidy_rows_for_parquet() -> None:
+    import pyarrow as pa
+
     from infscale.microbench import microbench_rows
 
     microbench = json.loads(MICROBENCH_C.read_text())
-    rows = pl.DataFrame(microbench_rows(microbench))
+    rows = pl.from_arrow(pa.Table.from_pylist(microbench_rows(microbench)))  # as run_microbench writes them
     assert rows.group_by("kind").len().sort("kind").rows() == [("attention", 6), ("collective", 88), ("gemm", 480),
                                                                ("memory", 2)]
     assert set(rows["gpu_name"]) == {"NVIDIA H100 80GB HBM3"} and set(rows["driver"]) == {"580.159.04"}
