@@ -296,6 +296,7 @@ def cmd_microbench(args: argparse.Namespace) -> int:
         calibration_dir,
         campaign_targets,
         drive_microbench,
+        failure_line,
         job_gpus,
     )
     from infscale.launch.settings import check_against_cluster, load_launcher_settings
@@ -344,7 +345,9 @@ def cmd_microbench(args: argparse.Namespace) -> int:
         if target.exists():  # written, then something after it failed: the measurement stands
             print(f"microbench: {type(err).__name__} after {target} was written: {err}", file=sys.stderr)
             return 0
-        print(f"microbench {what}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"microbench {what}: failed: {failure_line(err)}", file=sys.stderr)
+        if failure_line(err) not in f"{type(err).__name__}: {err}".splitlines()[0]:
+            print(f"{type(err).__name__}: {err}", file=sys.stderr)  # the job's traceback and log paths
         return 1
     print(f"wrote {written}")
     return 0

@@ -10,6 +10,7 @@ partition, account, QOS, constraint, setup and container. A measurement on disk 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -61,10 +62,20 @@ def calibration_dir(run: CampaignRun) -> Path:
 
 
 def job_gpus(worlds: list[int], device: str, needs_gpu: bool = True) -> int:
-    """GPUs the job asks for: the largest rank count measured (1 without collectives), 0 for a CPU measurement."""
-    if device == "cpu" or not needs_gpu:
+    """GPUs the job asks for: the largest rank count measured (1 without collectives); 0 for a CPU measurement or,
+    unless CUDA is asked for, a campaign that needs no GPU (the sim backend)."""
+    if device == "cpu" or (device == "auto" and not needs_gpu):
         return 0
     return max(worlds, default=1)
+
+
+def failure_line(err: BaseException) -> str:
+    """The job's own exception line out of submitit's FailedJobError (which carries the whole traceback)."""
+    lines = str(err).splitlines()
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line):
+            return line.strip()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 class MicrobenchJob(Checkpointable):
