@@ -23,9 +23,8 @@ pytestmark = pytest.mark.slurm
 ACCOUNT = "infscale-test"
 
 
-def test_microbench_runs_as_one_slurm_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    from infscale.launch.driver import slurm_job_name
-
+def write_campaign(tmp_path: Path, slurm_cluster: SlurmCluster) -> tuple[str, list[str]]:
+    """(campaign name, the `infscale microbench` command) of a sim campaign with a TP2 layout."""
     if ACCOUNT not in slurm_cluster.accounts:
         pytest.fail(f"needs the {ACCOUNT} account of scripts/local-slurm.sh (accounts: {slurm_cluster.accounts})")
     name = f"mbslurm-{uuid.uuid4().hex[:8]}"
@@ -40,7 +39,14 @@ def test_microbench_runs_as_one_slurm_job(slurm_cluster: SlurmCluster, tmp_path:
     results = tmp_path / "results"
     command = [sys.executable, "-m", "infscale", "microbench", str(config), "--results-root", str(results),
                "--launcher", str(launcher)]
+    return name, command
 
+
+def test_microbench_runs_as_one_slurm_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    from infscale.launch.driver import slurm_job_name
+
+    name, command = write_campaign(tmp_path, slurm_cluster)
+    results = tmp_path / "results"
     started = time.monotonic()
     first = subprocess.run(command, capture_output=True, text=True, timeout=180)
     seconds = time.monotonic() - started
@@ -73,3 +79,23 @@ def test_microbench_runs_as_one_slurm_job(slurm_cluster: SlurmCluster, tmp_path:
     assert again.returncode == 0 and "exists" in again.stdout, again.stdout + again.stderr
     assert len(run("sacct", "-X", "-n", "-P", "--name", job_name, "-S", "now-1hour", "-o", "JobID")
                .stdout.split()) == 1
+
+
+def test_a_rerun_reattaches_to_the_job_of_a_killed_driver(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    from infscale.launch.driver import slurm_job_name
+
+    name, command = write_campaign(tmp_path, slurm_cluster)
+    job_name = slurm_job_name(name, "microbench.h200-sxm")
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: run("squeue", "-h", "-n", job_name, "-o", "%i").stdout.strip(), 60,
+                   f"job {job_name} to be queued")
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "re-attached to Slurm job" in again.stdout
+    assert (tmp_path / "results" / name / "calibration" / "h200-sxm" / "microbench.json").exists()
+    ids = run("sacct", "-X", "-n", "-P", "--name", job_name, "-S", "now-1hour", "-o", "JobID").stdout.split()
+    assert len(ids) == 1, ids  # measured once

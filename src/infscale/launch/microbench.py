@@ -5,7 +5,8 @@ the collectives on every GPU count its replicas use within one node (2 … the l
 GPUs: the powers of two and the counts that occur), and the GEMM shapes of its dense models. The measurement runs
 through the same executors as the bench jobs: `debug` in this process, `local` in a submitit subprocess, `slurm`
 as one sbatch job of one node and one task (the collectives start their own rank processes), with the profile's
-partition, account, QOS, constraint, setup and container. A measurement on disk is never replaced.
+partition, account, QOS, constraint, setup and container; a rerun re-attaches to that job while it is queued or
+running (found by its name). A measurement on disk is never replaced.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def drive_microbench(job: MicrobenchJob, settings: LauncherSettings, folder: Pat
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=slurm.max_requeues,
                                          slurm_python=container_python(slurm))
         executor.update_parameters(**submitit_parameters(resources, slurm, name, []))
+        from infscale.launch.registry import find_active_by_name
+
+        active = find_active_by_name(name)
+        if active:  # submitted by an earlier driver that died: wait for it rather than measure twice
+            log(f"microbench: re-attached to Slurm job {active[0]} ({name})")
+            return Path(submitit.SlurmJob(folder=folder, job_id=active[0]).result())
         log(f"microbench: {resources.describe()}")
     submitted = executor.submit(job)
     log(f"microbench: submitted {settings.executor} job {submitted.job_id} (output in {folder})")
