@@ -1,9 +1,11 @@
 # infscale campaign DAG: plan -> [engine: trtllm engine flow] -> bench (one job per layout group, or per model
 # locally) -> merge + summary -> fit -> claims, figures -> report (report.html, the last rule); `ae_bundle`
-# (not in `all`) packs it all for artifact evaluation.
+# (not in `all`) packs it all for artifact evaluation; `calibration` (not in `all`) measures the campaign's hardware
+# with the microbenchmarks and writes a hardware profile from them.
 # Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
 # All logic lives in src/infscale; the rules only call the `infscale` command line.
 
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/analyze.smk"
 include: "workflow/rules/ae.smk"
+include: "workflow/rules/calibrate.smk"
 
 
 rule all:

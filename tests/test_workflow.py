@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,50 @@ def test_local_submitit_executor_gives_the_debug_executors_results(tmp_path: Pat
         frames[executor] = merged(workdir).drop("started_at", "ended_at")
         assert (workdir / "results" / "incr" / "jobs" / "submitit").is_dir() == (executor == "local")
     assert frames["debug"].height == 6 and frames["debug"].equals(frames["local"])
+
+
+def test_calibration_target_measures_once_through_the_local_executor(tmp_path: Path) -> None:
+    """`microbench` writes results/<c>/calibration/<hw>/microbench.json in a submitit subprocess (the `local`
+    executor); a rerun does nothing; `calibration` then fails: a CPU measurement makes no GPU profile."""
+    config_file = tmp_path / "calib.yaml"
+    # DP layouts only: no collectives, so the CPU measurement stays short (GEMM, memory, attention)
+    config_file.write_text(yaml.safe_dump({**campaign([128]), "name": "calib", "layouts": ["dp1", "dp2"]}))
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({"launcher": {"executor": "local"}}))
+    results = tmp_path / "results" / "calib"
+    target = results / "calibration" / "h200-sxm" / "microbench.json"
+
+    def snakemake_target(name: str, *extra: str) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+            "--profile", str(REPO / "profiles" / "local"), "--configfile", str(settings),
+            "--config", f"campaign={config_file}", f"results_root={tmp_path / 'results'}", *extra, "--", name,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    first = snakemake_target(str(target))
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads(target.read_text())
+    assert report["environment"]["device"] == "cpu" and report["collectives"] == []
+    assert {row["model"] for row in report["gemm"]} == {"llama-3.1-8b"}
+    assert any((results / "jobs" / "submitit").glob("*_0_result.pkl"))  # it ran as a submitit job
+    log = (results / "logs" / "calibration" / "h200-sxm.microbench.log").read_text()
+    assert "local executor" in log and "wrote" in log
+    assert not (results / "cells").exists()  # the calibration target runs no bench job
+    measured = (target.read_bytes(), target.stat().st_mtime_ns)
+
+    again = snakemake_target(str(target))
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # a forced rerun (as after a change of the rule's code) neither deletes nor measures again
+    forced = snakemake_target(str(target), "--forcerun", "microbench")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert target.read_bytes() == measured[0]  # the same bytes (Snakemake itself sets a new mtime)
+    assert "exists; a measurement is never overwritten" in (
+        results / "logs" / "calibration" / "h200-sxm.microbench.log").read_text()
+
+    failed = snakemake_target("calibration")
+    assert failed.returncode != 0
+    calibrate_log = (results / "logs" / "calibration" / "h200-sxm.calibrate.log").read_text()
+    assert "measured on the CPU" in calibrate_log, calibrate_log
+    assert not (results / "calibration" / "h200-sxm" / "profile.yaml").exists()
+    assert target.read_bytes() == measured[0]  # the measurement is kept

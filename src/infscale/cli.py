@@ -108,12 +108,30 @@ def main(argv: list[str] | None = None) -> int:
                        "results/predicted/<campaign>)")
     extra.add_argument("--replace", action="store_true", help="replace predictions already recorded there")
 
+    mb = commands.add_parser("microbench", help="measure the calibration microbenchmarks (memory, GEMM, attention, "
+                             "collectives) into microbench.json; never replaces one on disk")
+    mb.add_argument("config", type=Path, nargs="?", help="campaign file: measure its hardware's GPU counts and dense "
+                    "models into results/<campaign>/calibration/<hardware>/microbench.json")
+    mb.add_argument("--results-root", type=Path, default=Path("results"))
+    mb.add_argument("--packing", default="auto", choices=("auto", "layout", "model"), help=argparse.SUPPRESS)
+    mb.add_argument("--out", type=Path, help="without a campaign: the folder for microbench.json")
+    mb.add_argument("--gpus", type=int, nargs="+", metavar="N", help="rank counts of the collectives (default: "
+                    "the campaign's, else 2; 1 measures none)")
+    mb.add_argument("--models", nargs="+", help="catalog models of the GEMM shapes, the first also of attention "
+                    "(default: the campaign's dense models, else llama-3.1-8b)")
+    mb.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                    help="auto: CUDA when present, else the CPU (small sizes, gloo)")
+    mb.add_argument("--launcher", type=Path, help="launcher settings (YAML/JSON): run it as a debug / local / "
+                    "slurm job like the bench jobs; default: in this process")
+
     calibrate = commands.add_parser("calibrate", help="write a hardware profile from GPU benchmark outputs, "
                                     "optionally fitting the engine constants on measured cells")
     calibrate.add_argument("--hardware", required=True, help="catalog hardware the profile refines, e.g. h100-sxm")
     calibrate.add_argument("--engine", default="torch", help="engine whose iterations the profile describes")
-    calibrate.add_argument("--microbench", type=Path, required=True, help="benchmarks/gpu_microbench.py output")
-    calibrate.add_argument("--roofline", type=Path, required=True, help="benchmarks/torch_decode_roofline.py output")
+    calibrate.add_argument("--microbench", type=Path, required=True, help="infscale microbench's microbench.json "
+                           "(or benchmarks/gpu_microbench.py output)")
+    calibrate.add_argument("--roofline", type=Path, help="benchmarks/torch_decode_roofline.py output (optional: "
+                           "the decode-step HBM efficiency and the graphed all-reduce latency)")
     calibrate.add_argument("--moe-block", type=Path, help="benchmarks/gpu_fastpath_checks.py --part moe output "
                            "(the fixed cost per MoE layer)")
     calibrate.add_argument("--fit", type=Path, metavar="CONFIG", help="campaign whose measured cells the engine "
@@ -264,6 +282,74 @@ def cmd_engine(args: argparse.Namespace) -> int:
         print(f"engine {args.engine}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     print(f"engine {args.engine}: {pointer['engine_dir']}")
+    return 0
+
+
+def cmd_microbench(args: argparse.Namespace) -> int:
+    """`infscale microbench --out DIR …` or `infscale microbench CONFIG` (the `microbench` rule): one measurement,
+    never over one on disk (then it says so and exits 0, so the rule is idempotent); a failed job exits 1."""
+    from infscale.catalog import CatalogError, get_model
+    from infscale.launch.microbench import (
+        DEFAULT_MODEL,
+        RESULT,
+        MicrobenchJob,
+        calibration_dir,
+        campaign_targets,
+        drive_microbench,
+        failure_line,
+        job_gpus,
+    )
+    from infscale.launch.settings import check_against_cluster, load_launcher_settings
+
+    if (args.config is None) == (args.out is None):
+        print("infscale microbench: give a campaign file (CONFIG) or --out DIR, not both", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        from infscale.launch.driver import slurm_job_name
+
+        run = _campaign_run(args)
+        worlds, models = campaign_targets(run)
+        out = calibration_dir(run)
+        what = f"{run.campaign.name} on {run.campaign.hardware.name}"
+        name = slurm_job_name(run.campaign.name, f"microbench.{run.campaign.hardware.name}")
+        folder = run.results_dir / "jobs" / "submitit"
+        needs_gpu = run.campaign.spec.backend != "sim"
+    else:
+        worlds, models, out, what = [2], [DEFAULT_MODEL], args.out, str(args.out)
+        name, folder, needs_gpu = "infscale.microbench", args.out / "submitit", True
+    worlds = sorted(set(args.gpus)) if args.gpus else worlds
+    models = args.models or models
+    if any(w < 1 for w in worlds):
+        print(f"--gpus: {worlds}: rank counts are 1 or more", file=sys.stderr)
+        return 2
+    try:
+        for model in models:
+            get_model(model)
+    except CatalogError as err:
+        print(f"--models: {err}", file=sys.stderr)
+        return 2
+    target = out / RESULT
+    if target.exists():
+        print(f"{target} exists; a measurement is never overwritten (move it away to measure again)")
+        return 0
+    settings = load_launcher_settings(args.launcher, str(args.launcher or "launcher"))
+    check_against_cluster(settings, str(args.launcher))
+    collectives = ", ".join(map(str, [w for w in worlds if w > 1])) or "no"
+    print(f"microbench {what}: collectives on {collectives} rank(s), GEMM shapes of {', '.join(models)}, "
+          f"device {args.device}, {settings.executor} executor", flush=True)
+    job = MicrobenchJob(str(out.resolve()), worlds, models, args.device)
+    gpus = job_gpus(worlds, args.device, needs_gpu)
+    try:
+        written = drive_microbench(job, settings, folder.resolve(), name, gpus, log=lambda s: print(s, flush=True))
+    except Exception as err:  # the job's own error (submitit's FailedJobError carries its traceback)
+        if target.exists():  # written, then something after it failed: the measurement stands
+            print(f"microbench: {type(err).__name__} after {target} was written: {err}", file=sys.stderr)
+            return 0
+        print(f"microbench {what}: failed: {failure_line(err)}", file=sys.stderr)
+        if failure_line(err) not in f"{type(err).__name__}: {err}".splitlines()[0]:
+            print(f"{type(err).__name__}: {err}", file=sys.stderr)  # the job's traceback and log paths
+        return 1
+    print(f"wrote {written}")
     return 0
 
 
@@ -441,8 +527,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         hardware = get_hardware(args.hardware)
         moe_block = read_json(args.moe_block) if args.moe_block else None
-        efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), read_json(args.roofline),
-                                                   moe_block)
+        roofline = read_json(args.roofline) if args.roofline else None
+        efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), roofline, moe_block)
         fitted_on: list[str] = []
         if args.fit:
             from infscale.pipeline import CampaignRun
@@ -458,7 +544,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             efficiency.update(fitted)
             sources.update(fit_sources)
         profile = make_profile(args.name, hardware, args.engine, efficiency, sources,
-                               [args.microbench, args.roofline] + ([args.moe_block] if args.moe_block else []),
+                               [p for p in (args.microbench, args.roofline, args.moe_block) if p and p.exists()],
                                fitted_on)
     except (ProfileError, CatalogError) as err:
         print(err, file=sys.stderr)
@@ -747,7 +833,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 COMMANDS = {
     "plan": cmd_plan, "predict": cmd_predict, "bench": cmd_bench, "merge": cmd_merge, "summary": cmd_summary,
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
-    "calibrate": cmd_calibrate, "engines": cmd_engines, "fit": cmd_fit,
+    "calibrate": cmd_calibrate, "microbench": cmd_microbench, "engines": cmd_engines, "fit": cmd_fit,
     "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend, "ae": cmd_ae,
     "extrapolate": cmd_extrapolate, "figures": cmd_figures, "report": cmd_report,
 }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from infscale.launch.failures import Failure, classify_state
 from infscale.launch.jobfn import BenchJob, read_outcome
 from infscale.launch.registry import ACTIVE_STATES, Attempt, Registry, driver_lock, find_active_by_name
-from infscale.launch.resources import job_resources, submitit_parameters
+from infscale.launch.resources import container_python, job_resources, submitit_parameters
 from infscale.launch.settings import LauncherSettings
 from infscale.pipeline import CampaignRun
 from infscale.results.io import cell_file, existing_spec_hash
@@ -127,12 +126,8 @@ def _submit(run: CampaignRun, job: str, settings: LauncherSettings, name: str, e
     missing = set(missing_cells(run, job))
     cells = [p for p in run.jobs()[job] if p.cell.id in missing]
     resources = job_resources(cells, run.campaign.hardware, run.campaign.spec.backend, slurm)
-    python = None
-    if slurm.container is not None and slurm.container.runtime == "apptainer":
-        binds = [arg for bind in slurm.container.binds for arg in ("--bind", bind)]
-        python = shlex.join(["apptainer", "exec", "--nv", *binds, slurm.container.image, "python3"])
     executor = submitit.AutoExecutor(folder=run.results_dir / "jobs" / "submitit", cluster="slurm",
-                                     slurm_max_num_timeout=slurm.max_requeues, slurm_python=python)
+                                     slurm_max_num_timeout=slurm.max_requeues, slurm_python=container_python(slurm))
     executor.update_parameters(**submitit_parameters(resources, slurm, name, excluded))
     submitted = executor.submit(BenchJob(str(run.campaign_file.resolve()), str(run.results_root.resolve()),
                                          run.packing, job, settings.trtllm))

@@ -51,6 +51,21 @@ def job_resources(cells: list[PlannedCell], hardware: Hardware, backend: str, se
     return JobResources(*resources, time_min=minutes)
 
 
+MICROBENCH_MIN = {"gpu": 60, "cpu": 15}  # time limit of a microbenchmark job (minutes), within the profile's bounds
+
+
+def microbench_resources(gpus: int, settings: SlurmSettings) -> JobResources:
+    """One node, one task (the collectives start their own rank processes): `gpus` GPUs with `cpus_per_gpu` and
+    `mem_per_gpu_gb` each, or, with `gpus` 0, a CPU job sized like a sim bench job."""
+    if gpus > 0:
+        cpus, mem, minutes = settings.cpus_per_gpu * gpus, settings.mem_per_gpu_gb * gpus, MICROBENCH_MIN["gpu"]
+    else:
+        cpus, mem, minutes = settings.cpus_per_cpu_job, settings.mem_per_cpu_job_gb, MICROBENCH_MIN["cpu"]
+    minutes = max(settings.time_limit_min_min, min(settings.time_limit_max_min, minutes))
+    return JobResources(nodes=1, gpus_per_node=gpus, tasks_per_node=1, cpus_per_task=cpus, mem_gb=mem,
+                        time_min=minutes)
+
+
 def submitit_parameters(resources: JobResources, settings: SlurmSettings, job_name: str,
                         exclude: list[str]) -> dict[str, object]:
     """Parameters for `submitit.AutoExecutor.update_parameters` (values are validated names, never shell text)."""
@@ -80,6 +95,15 @@ def submitit_parameters(resources: JobResources, settings: SlurmSettings, job_na
     if settings.container is not None:
         params["slurm_srun_args"] = container_srun_args(settings)
     return params
+
+
+def container_python(settings: SlurmSettings) -> str | None:
+    """submitit's `slurm_python` under Apptainer (the job's python runs inside the image); None otherwise."""
+    container = settings.container
+    if container is None or container.runtime != "apptainer":
+        return None
+    binds = [arg for bind in container.binds for arg in ("--bind", bind)]
+    return shlex.join(["apptainer", "exec", "--nv", *binds, container.image, "python3"])
 
 
 def container_srun_args(settings: SlurmSettings) -> list[str]:
