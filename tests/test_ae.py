@@ -25,6 +25,7 @@ from infscale.pipeline import CampaignRun
 REPO = Path(__file__).resolve().parents[1]
 GPU_NODE = REPO / "config" / "gpu-node.yaml"
 REFERENCE = REPO / "results" / "reference"
+MEASURED_GPU_CELLS = 26  # the committed gpu-node cells (tests/test_reference_results.py checks the same count)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -55,7 +56,7 @@ def test_bundle_of_the_committed_gpu_campaign_holds_everything_and_verifies(gpu_
     manifest = json.loads((gpu_bundle / MANIFEST_NAME).read_text())
     paths = {entry["path"] for entry in manifest["files"]}
     cells = sorted(p.name for p in (REFERENCE / "gpu-node" / "cells").glob("*.parquet"))
-    assert {f"results/gpu-node/cells/{c}" for c in cells} <= paths and len(cells) == 20
+    assert {f"results/gpu-node/cells/{c}" for c in cells} <= paths and len(cells) == MEASURED_GPU_CELLS
     for expected in ("config/gpu-node.yaml", "results/gpu-node/plan.parquet", "results/gpu-node/cells.parquet",
                      "results/gpu-node/fits.parquet", "results/gpu-node/claims.parquet", "results/gpu-node/claims.md",
                      "results/gpu-node/PROVENANCE.md", "environment/constraints.txt", "environment/envs/infscale.yaml",
@@ -311,7 +312,7 @@ def test_compare_by_shape_holds_sim_predictions_against_the_gpu_measurements(gpu
     bundle, _ = reduced_reference
     result = compare(load_side(gpu_bundle), load_side(bundle), match="shape")
     compared = [c for c in result.cells if c.metrics]
-    assert len(result.cells) == 33 and len(compared) == 20        # the 20 measured cells have a prediction
+    assert len(result.cells) == 33 and len(compared) == MEASURED_GPU_CELLS  # every measured cell has a prediction
     assert {c.outcome for c in result.cells} - {"within", "outside"} == {"status pending → ok"}
     with pytest.raises(Exception, match="no merged cells"):
         load_side(gpu_bundle / "results")

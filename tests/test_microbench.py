@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
@@ -125,6 +126,12 @@ def test_microbench_on_cpu_writes_every_part(cpu_microbench):
     assert [c["world"] for c in report["collectives"]] == [2] and report["collectives"][0]["sum_correct"]
     assert set(report["collectives"][0]["ops"]) == {"all_reduce", "all_gather", "all_to_all", "pp_handoff"}
     assert [c["world"] for c in report["allreduce"]] == [2]
+    overhead = report["engine_overhead"]["rows"]  # 8-token prompts, 64 output tokens: 64 steps per batch
+    assert [r["batch"] for r in overhead] == [1, 4] and all(r["iterations"] == 64 for r in overhead)
+    assert all(0 < r["seconds_per_iteration"] * r["iterations"] <= r["wall_seconds_with_build"] for r in overhead)
+    tidy = pl.read_parquet(cpu_microbench.with_suffix(".parquet"))  # the same measurements as rows
+    assert set(tidy["kind"]) == {"memory", "gemm", "attention", "collective", "engine_overhead"}
+    assert tidy.filter(pl.col("kind") == "gemm").height == len(report["gemm"])
 
 
 def test_a_second_run_keeps_the_measurement(cpu_microbench, capsys):
