@@ -137,3 +137,14 @@ def test_lock_refuses_a_live_driver_and_takes_over_from_a_dead_one(tmp_path):
     assert not pid_alive(dead.pid)
     with driver_lock(lock, "campaign c"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_jobs_run_their_python_inside_an_apptainer_image_and_pyxis_through_srun():
+    from infscale.launch.resources import container_python
+
+    apptainer = settings(container={"runtime": "apptainer", "image": "/images/infscale.sif",
+                                    "binds": ["/scratch:/scratch"]}).slurm
+    assert container_python(apptainer) == ("apptainer exec --nv --bind /scratch:/scratch /images/infscale.sif "
+                                           "python3")
+    pyxis = settings(container={"runtime": "pyxis", "image": "nvcr.io/nvidia/pytorch:25.01-py3"}).slurm
+    assert container_python(pyxis) is None and container_python(settings().slurm) is None

@@ -106,7 +106,7 @@ def drive_engine(run: CampaignRun, label: str, settings: LauncherSettings) -> di
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=24 * 60)
     else:
-        from infscale.launch.resources import submitit_parameters
+        from infscale.launch.resources import container_python, submitit_parameters
 
         build = engines(run)[label]
         gpus = build.tp * build.pp
@@ -114,7 +114,8 @@ def drive_engine(run: CampaignRun, label: str, settings: LauncherSettings) -> di
         per_node = math.ceil(gpus / nodes)
         slurm = settings.slurm
         resources = _build_resources(nodes, per_node, slurm)
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        # under Apptainer the job's python must run inside the image, as for bench jobs
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_python=container_python(slurm))
         from infscale.launch.driver import slurm_job_name
 
         # named like the campaign's bench jobs, so that sacct/squeue/scancel by campaign find it too
