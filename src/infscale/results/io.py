@@ -180,6 +180,7 @@ def existing_spec_hash(path: Path) -> str | None:
 
 def read_summary(path: Path) -> dict[str, Any]:
     """The summary row; columns added by a later minor schema version read as None from older files."""
-    present = set(pq.read_schema(path).names)
-    row = pq.read_table(path, columns=[c for c in SUMMARY_COLUMNS if c in present]).to_pylist()[0]
+    with pq.ParquetFile(path) as parquet:  # one footer decode for the schema and the columns (most of the cost)
+        present = set(parquet.schema_arrow.names)
+        row = parquet.read(columns=[c for c in SUMMARY_COLUMNS if c in present]).to_pylist()[0]
     return {column: row.get(column) for column in SUMMARY_COLUMNS}
