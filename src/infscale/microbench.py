@@ -64,11 +64,16 @@ class Sizes:
 
 def timed(fn: Callable[[], object], sizes: Sizes, repeats: int | None = None) -> float:
     """Median seconds of `fn` after warm-up: CUDA events on a GPU, the wall clock on the CPU."""
-    repeats = repeats or sizes.repeats
-    for _ in range(sizes.warmup):
+    return median_seconds(fn, sizes.cuda, repeats or sizes.repeats, sizes.warmup)
+
+
+def median_seconds(fn: Callable[[], object], cuda: bool, repeats: int, warmup: int) -> float:
+    """Median seconds of `repeats` calls of `fn` after `warmup` calls: between CUDA events when `cuda`, else by the
+    wall clock (the timing every GPU benchmark script here uses too)."""
+    for _ in range(warmup):
         fn()
     times = []
-    if sizes.cuda:
+    if cuda:
         torch.cuda.synchronize()
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
