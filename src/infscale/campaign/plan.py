@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infscale.campaign.cell import Cell
-from infscale.campaign.layout import Layout, enumerate_layouts
+from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, Campaign, EngineSweep, LayoutSweep, Precision
 from infscale.catalog import Hardware, ModelArch
 from infscale.memory import GIB, MemoryPlan, plan_memory
@@ -101,13 +101,7 @@ def _layouts_for(campaign: Campaign, entry_name: str, model: ModelArch) -> list[
     chosen = campaign.layouts[entry_name]
     if not isinstance(chosen, LayoutSweep):
         return chosen
-    layouts: list[Layout] = []
-    for expert_parallel in chosen.expert_parallel:
-        for layout in enumerate_layouts(model, campaign.hardware, chosen.gpus, campaign.spec.hardware.nodes,
-                                        chosen.max_pp, expert_parallel):
-            if layout not in layouts:
-                layouts.append(layout)
-    return layouts
+    return chosen.layouts(model, campaign.hardware, campaign.spec.hardware.nodes)
 
 
 def _request_count(setting: int | str, arrival: Arrival, concurrency: int, spec) -> int:

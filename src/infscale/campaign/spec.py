@@ -228,6 +228,15 @@ class LayoutSweep(_Strict):
     max_pp: int | None = Field(default=None, gt=0)
     expert_parallel: list[bool] = Field(default_factory=lambda: [False], description="MoE: also ep = tp")
 
+    def layouts(self, model: ModelArch, hardware: Hardware, nodes: int) -> list[Layout]:
+        """The sweep's valid layouts for one model, each once, in enumeration order."""
+        layouts: list[Layout] = []
+        for expert_parallel in self.expert_parallel:
+            for layout in enumerate_layouts(model, hardware, self.gpus, nodes, self.max_pp, expert_parallel):
+                if layout not in layouts:
+                    layouts.append(layout)
+        return layouts
+
 
 LayoutsField = list[str] | LayoutSweep
 
@@ -541,8 +550,7 @@ def _proxy_problems(source: str, index: int, entry: ModelEntry, model: ModelArch
         return [f"{where}: {entry.name} mixes {model.first_dense_layers} dense and {model.num_moe_layers} MoE "
                 f"layers, so a slice of {k} layers is not a scaled copy of it (got {k})"]
     if isinstance(chosen, LayoutSweep):
-        pps = {layout.pp for ep in chosen.expert_parallel
-               for layout in enumerate_layouts(model, hardware, chosen.gpus, spec.hardware.nodes, chosen.max_pp, ep)}
+        pps = {layout.pp for layout in chosen.layouts(model, hardware, spec.hardware.nodes)}
     else:
         pps = set()
         for text in chosen:
