@@ -426,10 +426,8 @@ class TorchExecutor:
                                           np.array([0])))
             self.decode_steps(np.array([request]), np.array([prompt_tokens + 1]), decode, None)
         finally:
-            self.release(np.array([request]))
+            self._forget(np.array([request]))
             self.isl = isl
-            self._prompts.pop(request, None)
-            self.generated.pop(request, None)
             self.model.reset_expert_counts()
             self.iterations = self.decode_iterations = self.fast_steps = 0
 
@@ -497,6 +495,7 @@ class TorchExecutor:
         return float(np.median(iterations[warm:])), float(np.median(decode[warm:]))
 
     def _forget(self, ids: np.ndarray) -> None:
+        """Drop throw-away requests (warm-up, proxy calibration): their KV blocks, prompts and tokens."""
         self.release(ids)
         for request in np.asarray(ids).tolist():
             self._prompts.pop(request, None)
