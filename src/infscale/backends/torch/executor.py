@@ -211,9 +211,7 @@ class TorchExecutor:
         self.iterations += 1
         fingerprint = _fingerprint(batch.decode_ids, batch.decode_context, batch.prefill_ids,
                                    batch.prefill_chunk, batch.prefill_past)
-        durations = self.timer.durations()
-        if self.scaling is not None:
-            durations = self.scaling.scale(durations, len(batch.decode_ids) + len(batch.prefill_ids), "iteration")
+        durations = self._scaled(self.timer.durations(), len(batch.decode_ids) + len(batch.prefill_ids), "iteration")
         return float(self._agree(durations, fingerprint)[0])
 
     @torch.inference_mode()
@@ -281,9 +279,9 @@ class TorchExecutor:
         self.fast_steps += done
         return self._finish_span(ids, context, steps, done, host[:, 0].T.tolist(), horizon, shared)
 
-    def _scaled(self, durations: np.ndarray, rows: int) -> np.ndarray:
-        """Decode step durations as the full model's (a proxy) or as measured."""
-        return durations if self.scaling is None else self.scaling.scale(durations, rows, "decode")
+    def _scaled(self, durations: np.ndarray, rows: int, kind: str = "decode") -> np.ndarray:
+        """Step durations as the full model's (a proxy) or as measured; `kind` "decode" or "iteration"."""
+        return durations if self.scaling is None else self.scaling.scale(durations, rows, kind)
 
     def _step_done(self, done: int, horizon: float | None, shared: list[float], rows: int) -> bool:
         """Mark a decode step's end; with a horizon, every rank must stop at the same step, so the driver's
