@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from infscale.backends.torch.executor import TorchExecutor
+from infscale.backends.torch.model import DecoderModel
 from infscale.backends.torch.parallel import ParallelContext, ParallelError, kv_head_start, kv_heads_local
 from infscale.backends.torch.routing import ExpertPopularity
 from infscale.backends.torch.spawn import ServeSpec, serve_on_ranks
@@ -98,3 +101,35 @@ def test_expert_parallel_gives_the_tp1_tokens(arch):
             assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
         for layer, counts in single.expert_counts.items():
             np.testing.assert_array_equal(multi.expert_counts[layer], counts)
+
+
+def test_pipelined_pp_gives_the_tp1_tokens(arch):
+    """pp2 with two micro-batches (the stages a ring: stage 1 runs one micro-batch while stage 0 runs the other)
+    on 2 gloo ranks: the single-rank tokens, offline (long spans), with arrivals (a horizon: round by round) and
+    for MoE; a tiny pool still preempts and resumes."""
+    moe = ExpertPopularity("zipf", 1.2, seed=1)
+    cases = {
+        "llama pp2": (arch(), {}),
+        "llama pp2 tiny pool": (arch(), {"num_blocks": 20}),
+        "qwen3 pp2 poisson": (arch("qwen3"), {"arrival": Arrival(mode="poisson", rate=200.0)}),
+        "qwen3_moe pp2": (arch("qwen3_moe"), {"popularity": moe}),
+    }
+    options = {"num_blocks": 64}
+    singles = serve_on_ranks([_spec(a, **{**options, **extra}) for a, extra in cases.values()])
+    pipelined = serve_on_ranks([_spec(a, 1, 2, pp_microbatches=2, fast_ops="torch", **{**options, **extra})
+                                for a, extra in cases.values()])
+    for name, single, multi in zip(cases, singles, pipelined):
+        assert (multi.state.generated == OSL).all(), name
+        assert multi.fast_steps > 0, name
+        if "tiny" in name:
+            assert multi.state.preemptions.sum() > 0, name
+        for request in range(len(ISL)):
+            assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
+
+
+def test_pipelined_pp_needs_one_microbatch_per_stage(arch):
+    stage = DecoderModel(arch(), ParallelContext(pp=2), torch.float32)  # stage 0 of 2 (no process group needed)
+    with pytest.raises(ValueError, match="pp_microbatches=3: the torch engine runs the stages in turn"):
+        TorchExecutor(stage, 8, 4, ISL, OSL, pp_microbatches=3)
+    with pytest.raises(ValueError, match="runs on the fast decode path"):
+        TorchExecutor(stage, 8, 4, ISL, OSL, fast=False, pp_microbatches=2)

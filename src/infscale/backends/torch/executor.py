@@ -8,6 +8,14 @@ Correctness is checked as it goes, never after the numbers are out: the executor
 contexts the scheduler states, every sampled logit must be finite (`NonFiniteLogits`), and `check_outputs`
 verifies the token count per request equals its OSL.
 
+Pipelined PP (`pp_microbatches` = pp): a pure-decode span is split into pp micro-batches (requests i, i+pp, …),
+each with its own CUDA graphs, and the stages work as a ring: at every tick each stage runs one micro-batch's step
+and passes its output on (hidden states to the next stage, the last stage's tokens back to the first), so while
+stage 1 runs micro-batch 0, stage 0 already runs micro-batch 1. A scheduler step (every request one token longer)
+is one round of pp ticks; its duration is measured on the first stage from the start of one round to the start of
+the next (the span's last round up to the arrival of its last tokens). Prefill iterations, and spans the graphs do
+not fit, run the whole batch through the stages in turn.
+
 Multi-rank replicas (TP/PP): every rank runs the same scheduler on the same requests, so they ask for the same
 batches. The only value that differs between ranks is the measured time, and the scheduler's decisions can depend
 on it (Poisson arrivals, decode horizons), so the driver rank's durations are broadcast and every rank returns
@@ -116,7 +124,8 @@ class TorchExecutor:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, isl: np.ndarray,
                  osl: np.ndarray | None = None, seed: int = 0, fast: bool | None = None,
                  fast_ops: str | None = None, graph_sizes: tuple[int, ...] | None = None,
-                 graph_mode: str | None = None, max_context: int | None = None, tune: bool | None = None):
+                 graph_mode: str | None = None, max_context: int | None = None, tune: bool | None = None,
+                 pp_microbatches: int = 1):
         self.model = model
         self.ctx = model.ctx
         self.device = model.device
@@ -131,12 +140,20 @@ class TorchExecutor:
         self.decode_iterations = 0
         self.fast_steps = 0
         self.scaling: LayerScaling | None = None  # a proxy's step-time scaling (calibrate_proxy)
+        if pp_microbatches not in (1, self.ctx.pp):
+            raise ValueError(f"pp_microbatches={pp_microbatches}: the torch engine runs the stages in turn (1) or "
+                             f"pipelines one micro-batch per stage ({self.ctx.pp})")
+        pipelined = pp_microbatches > 1
         unsupported = model.fast_decode_unsupported()
-        if fast is None:
-            fast = self.device.type == "cuda" and unsupported is None
+        if pipelined and (fast is False or unsupported is not None):
+            raise ValueError(f"pipelined PP (pp_microbatches={pp_microbatches}) runs on the fast decode path, "
+                             f"which {model.arch.name} cannot take: {unsupported or 'fast=False given'}")
+        if fast is None:  # pipelined PP takes the fast path on CPU too (recorded steps, plain-torch ops)
+            fast = (self.device.type == "cuda" or pipelined) and unsupported is None
         elif fast and unsupported is not None:
             raise ValueError(f"the fast decode path does not support {model.arch.name}: {unsupported}")
         self.graphs: DecodeGraphs | None = None
+        self.pipeline: list[DecodeGraphs] | None = None  # one set of graphs per micro-batch (pipelined PP)
         if not fast:
             self.cache = model.new_cache(num_blocks, block_size)
             return
@@ -146,10 +163,18 @@ class TorchExecutor:
             longest = int((self.isl + (self.osl if self.osl is not None else 0)).max()) if len(self.isl) else 0
             max_context = longest + 16 if self.osl is not None else model.arch.max_context
         sizes = tuple(graph_sizes or DEFAULT_BATCH_SIZES)
-        cap = next((b for b in sorted(sizes) if b >= max(1, len(self.isl))), max(sizes))
+        # graphs up to the most requests one step can hold: all of them, or a micro-batch's share when pipelined
+        most = -(-max(1, len(self.isl)) // pp_microbatches)
+        cap = next((b for b in sorted(sizes) if b >= most), max(sizes))
         sizes = tuple(b for b in sizes if b <= cap)
         self.ops = make_fast_ops(fast_ops, self.device)
         self.tune = self.device.type == "cuda" and self.ops.name == "triton" if tune is None else tune
+        if pipelined:
+            self.pipeline = [DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
+                                          batch_sizes=sizes, mode=graph_mode, pipelined=True)
+                             for _ in range(pp_microbatches)]
+            self.graphs = self.pipeline[0]
+            return
         self.graphs = DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
                                    batch_sizes=sizes, mode=graph_mode)
 
@@ -225,7 +250,10 @@ class TorchExecutor:
         # all blocks of the span up front (the scheduler sized `steps` to fit), so the table is fixed on device
         # and each step's slots come from it without host work; unused blocks are trimmed if the span stops early
         tables = [self.cache.allocator.ensure(r, ctx + steps - 1) for r, ctx in zip(requests, context.tolist())]
-        if self.graphs is not None and self.graphs.fits(len(requests), max(map(len, tables))):
+        if self.pipeline is not None:
+            if self.graphs.fits(-(-len(requests) // len(self.pipeline)), max(map(len, tables))):
+                return self._pipelined_span(ids, context, steps, horizon, tables)
+        elif self.graphs is not None and self.graphs.fits(len(requests), max(map(len, tables))):
             return self._graph_span(ids, context, steps, horizon, tables)
         table = self._table_tensor(tables)
         lens = torch.as_tensor(context, device=self.device)
@@ -279,6 +307,93 @@ class TorchExecutor:
         self.fast_steps += done
         return self._finish_span(ids, context, steps, done, host[:, 0].T.tolist(), horizon, shared)
 
+    def _pipelined_span(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None,
+                        tables: list[list[int]]) -> np.ndarray:
+        """decode_steps as pp micro-batches pipelined over the stages (see the module's docstring). With a
+        horizon the ranks must agree after every step, so each round then fills and drains the pipeline."""
+        slots = self.pipeline
+        count = len(slots)
+        n = len(ids)
+        rows = [np.arange(m, n, count) for m in range(count)]
+        loads: list[tuple[int, int] | None] = []  # per micro-batch: (captured size, requests), None when empty
+        history: list[torch.Tensor | None] = []   # first stage: per micro-batch [steps, 2, requests]
+        for graphs, part in zip(slots, rows):
+            if not len(part):
+                loads.append(None)
+                history.append(None)
+                continue
+            requests = ids[part]
+            last = np.asarray([self.generated[r][-1] for r in requests.tolist()], dtype=np.int64)
+            b = graphs.load(last, context[part], [tables[i] for i in part.tolist()], keys=requests)
+            loads.append((b, len(part)))
+            history.append(torch.empty((steps, 2, len(part)), dtype=torch.int64, device=self.device)
+                           if self.ctx.is_first_stage else None)
+        shared: list[float] = []
+        done = 0
+        while done < steps:
+            rounds = 1 if horizon is not None else steps
+            self._pipeline_rounds(loads, history, done, rounds)
+            done += rounds
+            if horizon is not None:
+                shared.append(float(self._agree(self._scaled(np.array([self.timer.last()]), n), float(done))[0]))
+                if sum(shared) >= horizon:
+                    break
+        # the tokens live on the first stage: check them there and give every rank of the replica its copy
+        tokens = torch.empty((done, 2, n), dtype=torch.int64, device=self.device)
+        if self.ctx.is_first_stage:
+            for part, record in zip(rows, history):
+                if record is not None:
+                    tokens[:, :, torch.as_tensor(part, device=self.device)] = record[:done]
+        self.ctx.broadcast_from_driver(tokens)
+        host = tokens.cpu().numpy()
+        flags = host[:, 1].all(axis=1)
+        if not flags.all():
+            raise NonFiniteLogits(f"non-finite logits at decode step {int(np.argmin(flags))} of a pipelined span "
+                                  f"of {n} requests (contexts {int(context.min())}-{int(context.max())})")
+        self.fast_steps += done
+        return self._finish_span(ids, context, steps, done, host[:, 0].T.tolist(), horizon, shared)
+
+    def _pipeline_rounds(self, loads: list[tuple[int, int] | None], history: list[torch.Tensor | None],
+                         first: int, rounds: int) -> None:
+        """Run steps first … first+rounds-1 of every micro-batch through the ring of stages. Tick t: stage s runs
+        micro-batch step j = t - s (micro-batch j mod pp, step first + j div pp), then the ring exchange. Every rank
+        marks the timer at the start of each round after the first and once at the end."""
+        ctx = self.ctx
+        slots = self.pipeline
+        count = len(slots)
+        total = rounds * count
+        stage = ctx.pp_rank
+
+        def active(j: int) -> bool:
+            return 0 <= j < total and loads[j % count] is not None
+
+        for tick in range(total + ctx.pp - 1):
+            if tick and tick % count == 0 and tick < total:
+                self.timer.mark()  # a new round starts (on the first stage: micro-batch 0 of the next step)
+            j = tick - stage
+            output = None
+            if active(j):
+                graphs = slots[j % count]
+                b, width = loads[j % count]
+                result = graphs.replay(b)
+                if ctx.is_last_stage:
+                    output = result[:, :width].contiguous()  # the tokens and finite flags, back to stage 0
+                else:
+                    output = graphs.logits[b]                 # this stage's output hidden states
+            incoming = None
+            following = tick + 1 - (count if ctx.is_first_stage else stage)
+            if active(following):
+                m = following % count
+                if ctx.is_first_stage:  # the tokens of micro-batch m's step `following // count`, from the last stage
+                    incoming = history[m][first + following // count]
+                else:
+                    incoming = slots[m].hidden[: loads[m][0]]
+            ctx.ring_exchange(output, incoming)
+            if ctx.is_first_stage and incoming is not None:
+                m = following % count
+                slots[m].ids[: loads[m][1]].copy_(incoming[0])  # micro-batch m's next step embeds them
+        self.timer.mark()
+
     def _scaled(self, durations: np.ndarray, rows: int, kind: str = "decode") -> np.ndarray:
         """Step durations as the full model's (a proxy) or as measured; `kind` "decode" or "iteration"."""
         return durations if self.scaling is None else self.scaling.scale(durations, rows, kind)
@@ -318,7 +433,8 @@ class TorchExecutor:
 
             tune_linear(self.ops, self.model.fast_linear_sites(), self.graphs.sizes)
             self._tuned = True
-        self.graphs.capture()
+        for graphs in self.pipeline or [self.graphs]:
+            graphs.capture()
 
     def release(self, ids: np.ndarray) -> None:
         """Free the KV blocks of finished or preempted requests (their tokens are kept: a preempted request is
@@ -440,6 +556,9 @@ class TorchExecutor:
         the same path as the measurement (CUDA graphs of the layer-less step where the executor has graphs).
         Every rank of the replica must call it, after warmup(). Sizes default to the graphs' batch sizes (else
         the powers of two up to the requests' count), as many as the free KV blocks allow."""
+        if self.pipeline is not None:
+            raise ValueError("layer-sliced proxy runs of pipelined PP (pp_microbatches > 1) are not supported: "
+                             "their fixed part is measured per step of the whole batch")
         scaling = LayerScaling(self.model.num_layers, full_layers)
         steps = warm + repeats
         blocks_each = self.cache.allocator.blocks_for(2 + steps)

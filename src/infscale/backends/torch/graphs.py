@@ -13,6 +13,10 @@ or the row is padding) is filled. So a
 span is `load` (one host-to-device copy of its ids, lengths and tables) followed by `replay` per step, and the
 executor reads the tokens back once per span.
 
+Pipelined PP (`pipelined=True`, one `DecodeGraphs` per micro-batch): the captured step is the stage's compute
+only; a later stage's graph reads its input hidden states from the static `hidden` buffer, which the executor
+fills by receiving from the previous stage between replays (see executor.py).
+
 Modes: "cuda" captures real graphs; "record" (CPU, or to debug) stores the step as a callable that `replay`
 calls, so the padding, bucketing and static-buffer logic is the same code path without a GPU.
 """
@@ -34,7 +38,7 @@ class GraphError(RuntimeError):
 class DecodeGraphs:
     def __init__(self, model, cache, ops, max_context: int, scratch_block: int,
                  batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, mode: str | None = None,
-                 warmup_steps: int = 2, **step_options):
+                 warmup_steps: int = 2, pipelined: bool = False, **step_options):
         self.model = model
         self.cache = cache
         self.ops = ops
@@ -63,6 +67,10 @@ class DecodeGraphs:
         self.tables = torch.full((bmax, self.max_blocks), self.scratch_block, dtype=torch.int32, device=device)
         self.valid = torch.zeros(bmax, dtype=torch.bool, device=device)
         self.result = torch.zeros((2, bmax), dtype=torch.int64, device=device)
+        self.pipelined = pipelined
+        self.hidden = None  # a pipelined later stage's input hidden states
+        if pipelined and not model.ctx.is_first_stage:
+            self.hidden = torch.zeros((bmax, model.arch.hidden_size), dtype=model.dtype, device=device)
         self.graphs: dict[int, object] = {}
         self.logits: dict[int, torch.Tensor] = {}  # each graph's logits output (static, overwritten per replay)
         self.pool = None
@@ -88,11 +96,15 @@ class DecodeGraphs:
     # -------------------------------------------------------------------------------------------- capture
 
     def _step(self, b: int) -> torch.Tensor:
+        pipelined = {"pipelined": True, "hidden_in": None if self.hidden is None else self.hidden[:b]} \
+            if self.pipelined else {}
         return self.model.fast_decode(self.ids[:b], self.lens[:b], self.tables[:b], self.valid[:b], self.cache,
                                       self.ops, self.max_context, self.result[:, :b], keys=self.keys[:b],
-                                      **self.step_options)
+                                      **pipelined, **self.step_options)
 
     def _pad_all(self) -> None:
+        if self.hidden is not None:
+            self.hidden.zero_()
         self.ids.zero_()
         self.keys.zero_()
         self.lens.fill_(1)

@@ -547,7 +547,8 @@ class DecoderModel:
 
     def fast_decode(self, ids: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor,
                     cache: PagedKVCache, ops, max_context: int, result: torch.Tensor,
-                    keys: torch.Tensor | None = None, layer_collectives: bool = True) -> torch.Tensor:
+                    keys: torch.Tensor | None = None, layer_collectives: bool = True,
+                    hidden_in: torch.Tensor | None = None, pipelined: bool = False) -> torch.Tensor:
         """One decode step of B requests without host synchronisation (what a CUDA graph captures).
 
         ids [B] the last token of each request; lens [B] its context including that token; tables [B, M] its
@@ -557,13 +558,20 @@ class DecoderModel:
         the row's logits are all finite (or the row is padding), ids = the tokens, lens += valid, on every
         stage. Returns the logits [B, vocab] in the model dtype (an earlier PP stage: its output hidden states).
         `keys` [B] are the request ids MoE routing hashes (default: zeros). `layer_collectives=False` leaves out
-        the per-layer TP all-reduces (wrong results: only to time their share of the step)."""
+        the per-layer TP all-reduces (wrong results: only to time their share of the step).
+
+        `pipelined=True` (PP micro-batches, see executor.py): the step is this stage's compute only, with no
+        hand-off and no broadcast; a later stage reads its input from `hidden_in` [B, hidden], an earlier stage
+        returns its output hidden states for the caller to pass on, and only the last stage knows the tokens
+        (in `result`); every stage advances its own lengths."""
         ctx = self.ctx
         cos, sin = self.rope_tables(max_context)
         partial_ok = ctx.tp == 1
         reduce = ctx.all_reduce if layer_collectives else (lambda t: t)
         if ctx.is_first_stage:
             hidden = self.embed_tokens(ids)
+        elif pipelined:
+            hidden = hidden_in
         else:
             hidden = ctx.take_from_prev(torch.empty((ids.shape[0], self.arch.hidden_size), dtype=self.dtype,
                                                     device=ids.device))
@@ -583,6 +591,9 @@ class DecoderModel:
                 delta = reduce(mlp.partial(x, keys, positions, valid))
             else:
                 delta = reduce(ops.linear(ops.gate_up(x, mlp.w_gate_up), mlp.w_down, "down", partial_ok))
+        if not ctx.is_last_stage and pipelined:
+            lens.add_(valid.to(lens.dtype))
+            return _residual_add(hidden, delta)
         if not ctx.is_last_stage:
             ctx.hand_to_next(_residual_add(hidden, delta))
             # the last stage samples; every stage then advances its own copies of the tokens and lengths
@@ -594,7 +605,7 @@ class DecoderModel:
         x = ops.add_rmsnorm(hidden, delta, self.final_norm, self.eps)
         logits = ctx.all_gather_last_dim(ops.linear(x, self.lm_head, "lm_head"))[:, : self.arch.vocab_size]
         ops.finish(logits, valid, result, ids, lens)
-        if ctx.pp > 1:
+        if ctx.pp > 1 and not pipelined:
             ctx.broadcast_from_last_stage(result.contiguous())
         return logits
 

@@ -32,6 +32,9 @@ class ParallelContext:
     # TP all-reduce (the fast decode path runs the whole stage, hand-offs included, as one graph).
     prev_group: dist.ProcessGroup | None = None
     next_group: dist.ProcessGroup | None = None
+    # pipelined decode (pp micro-batches): the 2-rank group {first stage, last stage} of this TP rank, on which the
+    # last stage hands the sampled tokens back to the first; with next/prev it closes the stages into a ring
+    return_group: dist.ProcessGroup | None = None
 
     @classmethod
     def single(cls) -> ParallelContext:
@@ -66,11 +69,19 @@ class ParallelContext:
                     next_group = group
                 elif rank == pair[1]:
                     prev_group = group
+        return_group = None
+        if pp > 1:
+            for t in range(tp):
+                pair = [base_rank + t, base_rank + (pp - 1) * tp + t]
+                group = dist.new_group(pair)
+                if rank in pair:
+                    return_group = group
         local = rank - base_rank
         if not 0 <= local < size:
             return None
         return cls(tp=tp, pp=pp, ep=ep, tp_rank=local % tp, pp_rank=local // tp, base_rank=base_rank,
-                   tp_group=tp_group, model_group=model_group, prev_group=prev_group, next_group=next_group)
+                   tp_group=tp_group, model_group=model_group, prev_group=prev_group, next_group=next_group,
+                   return_group=return_group)
 
     # ---------------------------------------------------------------------------------------- geometry
 
@@ -150,6 +161,30 @@ class ParallelContext:
         """recv_prev into `tensor` (contiguous) as a collective of the 2-rank hand-off group."""
         dist.broadcast(tensor, src=self.global_rank(self.pp_rank - 1, self.tp_rank), group=self.prev_group)
         return tensor
+
+    def ring_exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
+        """One tick boundary of the pipelined decode: pass this tick's output on (hidden states to the next
+        stage; from the last stage, the sampled tokens back to the first) and take the next tick's input into
+        `recv` (hidden states from the previous stage; on the first stage, tokens from the last). Either may be
+        None. The two transfers are asynchronous on separate 2-rank groups, issued on every rank in the order of
+        the ring's links (link s joins stage s to s + 1): each waits only for a transfer its neighbour has
+        already issued, so the ring cannot deadlock even if a device runs them one after the other."""
+        last = self.pp - 1
+        sends = None
+        if send is not None:
+            group = self.return_group if self.is_last_stage else self.next_group
+            sends = (send, self.rank, group)
+        receives = None
+        if recv is not None:
+            source = self.global_rank(last if self.is_first_stage else self.pp_rank - 1, self.tp_rank)
+            receives = (recv, source, self.return_group if self.is_first_stage else self.prev_group)
+        # the first stage's send (link 0) precedes its receive (link pp-1); every other stage receives on link
+        # s-1 before sending on link s
+        order = (sends, receives) if self.is_first_stage else (receives, sends)
+        works = [dist.broadcast(tensor, src=src, group=group, async_op=True)
+                 for tensor, src, group in (op for op in order if op is not None)]
+        for work in works:
+            work.wait()
 
     def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sampled tokens live on the last stage; every stage needs them (stage 0 embeds them next)."""

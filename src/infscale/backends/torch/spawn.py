@@ -113,6 +113,7 @@ class ServeSpec:
     warmup: bool = False
     fast: bool | None = None            # the executor's CUDA-graph path (None: on for CUDA where supported)
     fast_ops: str | None = None         # "torch" or "triton" (None: triton where available)
+    pp_microbatches: int = 1            # pp: pipelined decode (one micro-batch per stage); 1: stages in turn
 
 
 @dataclass
@@ -131,7 +132,8 @@ def serve_replica(spec: ServeSpec, ctx: ParallelContext, device: torch.device) -
     model = DecoderModel(spec.arch, ctx, DTYPES[spec.dtype], device, spec.seed, spec.num_layers, spec.popularity)
     requests = spec.requests
     executor = TorchExecutor(model, spec.config.num_blocks, spec.config.block_size, requests.isl, requests.osl,
-                             spec.seed, fast=spec.fast, fast_ops=spec.fast_ops)
+                             spec.seed, fast=spec.fast, fast_ops=spec.fast_ops,
+                             pp_microbatches=spec.pp_microbatches)
     if spec.warmup:
         executor.warmup()
     state, _ = serve(requests, 1, spec.config, spec.arrival, "round_robin", lambda _: executor)
