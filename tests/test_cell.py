@@ -172,3 +172,14 @@ def test_identity_row():
     assert (row["layout"], row["gpus"], row["nodes"]) == ("dp4tp4pp1", 16, 2)
     assert (row["isl_max"], row["osl_max"], row["arrival"]) == (1024, 16384, "off")
     assert Cell.from_json(row["cell_json"]) == cell
+
+
+def test_pp_microbatches_is_part_of_a_pp_cell_and_dropped_without_pp():
+    plain = make_cell(dp=1, tp=2, pp=2)
+    pipelined = make_cell(dp=1, tp=2, pp=2, engine=EngineKnobs(kv_memory_fraction=0.9, pp_microbatches=0))
+    assert pipelined.spec_hash != plain.spec_hash and '"pp_microbatches":0' in pipelined.spec_json
+    assert "pp_microbatches" not in plain.spec_json  # unset: the hash it had before the knob existed
+    assert Cell.from_json(pipelined.spec_json) == pipelined
+    # at pp = 1 there is nothing to split: the knob is left out and the cell is the one it always was
+    no_pp = make_cell(engine=EngineKnobs(kv_memory_fraction=0.9, pp_microbatches=2))
+    assert no_pp.engine.pp_microbatches is None and no_pp.spec_hash == FROZEN_HASH

@@ -216,6 +216,11 @@ MALFORMED: list[tuple[str, Callable[[dict], None], str, list[str]]] = [
     ("proxy-on-trtllm", both(put("backend", value="trtllm"),
                              put("models", value=[{"name": "llama-3.1-8b", "proxy_layers": 8}])),
      "models[0].proxy_layers", ["(got 8)", "trtllm backend cannot", "torch and sim"]),
+    # --- PP micro-batches
+    ("pp-microbatches-negative", put("engine", value={"pp_microbatches": -1}),
+     "engine.pp_microbatches", ["(got -1)", "greater than or equal to 0"]),
+    ("pp-microbatches-on-trtllm", both(put("backend", value="trtllm"), put("engine", value={"pp_microbatches": 0})),
+     "engine.pp_microbatches", ["(got 0)", "trtllm backend schedules PP micro-batches itself"]),
 ]
 
 

@@ -118,7 +118,8 @@ class StepModel:
 
 
 def build_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
-                     efficiency: Efficiency | None = None) -> StepModel:
+                     efficiency: Efficiency | None = None, pp_microbatches: int | None = None) -> StepModel:
+    """`pp_microbatches`: the cell's own engine setting, over the efficiency's (None: the efficiency's)."""
     eff = efficiency or hardware.efficiency
     counts = model.param_counts()
     tp, pp, ep = layout.tp, layout.pp, layout.ep
@@ -180,5 +181,5 @@ def build_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weigh
         p2p_latency=eff.internode_latency_s if spans_nodes else eff.p2p_latency_s,
         p2p_bandwidth=hardware.internode_bandwidth if spans_nodes else hardware.nvlink_bandwidth,
         iteration_overhead=eff.iteration_overhead_s,
-        pp_microbatches=eff.pp_microbatches,
+        pp_microbatches=eff.pp_microbatches if pp_microbatches is None else pp_microbatches,
     )

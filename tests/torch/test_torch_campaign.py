@@ -72,3 +72,27 @@ def test_an_expert_parallel_cell_is_measured_with_its_experts_split(tmp_path):
     merged = merge_cells(planned, tmp_path, campaign.hardware.gpus_per_node).sort("ep")
     assert merged["status"].to_list() == ["ok", "ok"] and merged["ep"].to_list() == [1, 2]
     assert (merged["output_tokens"] == 4 * 6).all()
+
+
+def test_a_pipelined_pp_cell_is_its_own_measurement(tmp_path):
+    """pp_microbatches: 0 (one per stage) makes a pp2 cell pipelined: measured next to the plain pp2 cell (a
+    different cell, with the knob in its identity) with every token; the tp2 cell, which has no stages to
+    pipeline, is the cell it would be without the knob. A value the torch engine cannot run is refused by name."""
+    base = {"name": "tiny-torch", "backend": "torch", "hardware": "h100-sxm", "models": [str(TINY_LLAMA)],
+            "layouts": ["tp2", "pp2"], "requests": 5, "engine": {"max_num_seqs": 4, "max_num_tokens": 64},
+            "workloads": [{"name": "w", "isl": 24, "osl": 9}]}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(base))
+    plain = {p.cell.layout.pp: p.cell for p in plan_campaign(load_campaign(config))}
+    config.write_text(yaml.safe_dump({**base, "engine": {**base["engine"], "pp_microbatches": [0, 3]}}))
+    campaign = load_campaign(config)
+    planned = plan_campaign(campaign)
+    by_knob = {(p.cell.pp, p.cell.engine.pp_microbatches): p for p in planned}
+    assert set(by_knob) == {(1, None), (2, 0), (2, 3)}
+    assert by_knob[(1, None)].cell.id == plain[1].id and by_knob[(2, 0)].cell.id != plain[2].id
+    outcomes = {o.cell_id: o for o in run_cells(campaign, [p for p in planned if p.feasible], tmp_path)}
+    pipelined, refused = by_knob[(2, 0)].cell.id, by_knob[(2, 3)].cell.id
+    assert outcomes[pipelined].status == "ok", outcomes[pipelined].reason
+    assert outcomes[refused].status == "failed" and "pp_microbatches=3" in outcomes[refused].reason
+    merged = merge_cells(planned, tmp_path, campaign.hardware.gpus_per_node).filter(pl.col("cell_id") == pipelined)
+    assert merged["output_tokens"].to_list() == [5 * 9] and merged["engine_path"].to_list() == ["cuda_graphs"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from functools import cached_property
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, EngineKnobs, LengthDist, Precision
@@ -33,6 +33,13 @@ class Cell(BaseModel):
     # sim cells of a campaign that predicts with a hardware profile: "name@sha256[:12]" (None: catalog constants)
     hardware_profile: str | None = None
 
+    @model_validator(mode="after")
+    def _no_microbatches_without_pp(self) -> "Cell":
+        """PP micro-batches mean nothing at pp = 1: drop the knob, so such a cell is the one it always was."""
+        if self.pp == 1 and self.engine.pp_microbatches is not None:
+            object.__setattr__(self, "engine", self.engine.model_copy(update={"pp_microbatches": None}))
+        return self
+
     @property
     def layout(self) -> Layout:
         return Layout(self.dp, self.tp, self.pp, self.ep)
@@ -41,7 +48,10 @@ class Cell(BaseModel):
     def spec_json(self) -> str:
         """Canonical JSON: the identity of the measurement. Fields added later are left out while unset, so cells
         keep the hashes (and files) they had before those fields existed."""
-        unset = {name for name in ("proxy_layers", "hardware_profile") if getattr(self, name) is None}
+        unset: dict[str, object] = {name: True for name in ("proxy_layers", "hardware_profile")
+                                    if getattr(self, name) is None}
+        if self.engine.pp_microbatches is None:
+            unset["engine"] = {"pp_microbatches"}
         return self.model_dump_json(exclude=unset or None)
 
     @cached_property

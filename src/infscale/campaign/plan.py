@@ -127,16 +127,20 @@ def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Pre
     return _MEMORY_CACHE[key]
 
 
-def _step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str) -> StepModel:
-    key = (model.name, model.source, hardware.name, hardware.efficiency, layout, weight_dtype, kv_dtype)
+def _step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
+                pp_microbatches: int | None) -> StepModel:
+    key = (model.name, model.source, hardware.name, hardware.efficiency, layout, weight_dtype, kv_dtype,
+           pp_microbatches)
     if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = build_step_model(model, hardware, layout, weight_dtype, kv_dtype)
+        _STEP_CACHE[key] = build_step_model(model, hardware, layout, weight_dtype, kv_dtype,
+                                            pp_microbatches=pp_microbatches)
     return _STEP_CACHE[key]
 
 
 def _estimate_seconds(cell: Cell, model: ModelArch, hardware: Hardware, memory: MemoryPlan) -> float:
     """Steady state: each replica runs B sequences at the average context ISL + OSL/2; plus prefill."""
-    step_model = _step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv)
+    step_model = _step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
+                             cell.engine.pp_microbatches)
     isl, osl = cell.isl.mean_length, cell.osl.mean_length
     average_context = isl + osl / 2
     batch = max(1, min(cell.engine.max_num_seqs,

@@ -178,6 +178,13 @@ class EngineKnobs(_Strict):
     )
     kv_block_size: int = Field(default=16, gt=0, description="tokens per KV block [tokens_per_block]")
     router: Literal["round_robin", "least_loaded"] = "round_robin"
+    pp_microbatches: int | None = Field(
+        default=None, ge=0,
+        description="micro-batches a PP replica's decode step is split into, pipelined over its stages: 0 one per "
+        "stage, n at most n (1: the stages in turn); None: the engine's own schedule (sim: the hardware profile's, "
+        "by default one per stage; torch: 1; TensorRT-LLM schedules them itself and takes no value). The torch "
+        "engine takes 0, 1 or pp. Ignored (and left out of the cell) where pp = 1",
+    )
 
 
 class EngineSweep(_Strict):
@@ -188,6 +195,7 @@ class EngineSweep(_Strict):
     kv_memory_fraction: float | list[float] | None = None
     kv_block_size: int | list[int] | None = None
     router: str | list[str] | None = None
+    pp_microbatches: int | list[int] | None = None
 
     def merged_over(self, base: "EngineSweep") -> "EngineSweep":
         ours = self.model_dump(exclude_none=True)
@@ -511,6 +519,10 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
             line = (f"{source}: {where}.max_num_tokens: {k.max_num_tokens} is below "
                     f"kv_block_size {k.kv_block_size}")
             if k.max_num_tokens < k.kv_block_size and line not in problems:
+                problems.append(line)
+            line = (f"{source}: {where}.pp_microbatches: the trtllm backend schedules PP micro-batches itself; "
+                    f"leave it out (got {k.pp_microbatches})")
+            if spec.backend == "trtllm" and k.pp_microbatches is not None and line not in problems:
                 problems.append(line)
     problems += engine_problems
     if problems:

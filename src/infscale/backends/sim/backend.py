@@ -56,7 +56,8 @@ class SimBackend:
         problem = memory.problem(cell.isl.max_length + cell.osl.max_length, cell.model, cell.layout)
         if problem:
             raise InfeasibleCell(problem)
-        step_model = build_step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv)
+        step_model = build_step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
+                                      pp_microbatches=cell.engine.pp_microbatches)
         requests = generate_requests(cell.isl, cell.osl, cell.requests, cell.arrival, cell.seed)
         config = ReplicaConfig(memory.kv_blocks_per_replica, cell.engine.kv_block_size, cell.engine.max_num_seqs,
                                cell.engine.max_num_tokens)

@@ -71,6 +71,15 @@ class TorchBackend:
             raise NotImplementedError(f"router {cell.engine.router!r} with {cell.arrival.mode} arrivals needs the "
                                       "replicas' live load; the torch backend runs DP replicas in separate "
                                       "processes: use router round_robin")
+        # unset: the stages in turn (as before the knob existed); 0: one micro-batch per stage
+        knob = cell.engine.pp_microbatches
+        microbatches = 1 if knob is None else (knob or cell.pp)
+        if microbatches not in (1, cell.pp):
+            raise ValueError(f"{cell.id}: pp_microbatches={knob}; the torch engine runs the PP stages in turn (1) or "
+                             f"pipelines one micro-batch per stage (0 or {cell.pp})")
+        if microbatches > 1 and cell.proxy_layers is not None:
+            raise ValueError(f"{cell.id}: layer-sliced proxy runs of pipelined PP (pp_microbatches > 1) are not "
+                             "supported")
         memory = plan_memory(arch, campaign.hardware, cell.layout, cell.precision.weights, cell.precision.kv,
                              cell.engine.kv_memory_fraction, cell.engine.kv_block_size, cell.proxy_layers)
         # the KV pool: what the plan gives a replica (as an engine sizes it from its memory fraction); each rank
@@ -82,7 +91,7 @@ class TorchBackend:
                         arrival=cell.arrival, config=config,
                         dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,
                         kv_memory_fraction=cell.engine.kv_memory_fraction, num_layers=cell.proxy_layers,
-                        ep=cell.ep)
+                        ep=cell.ep, pp_microbatches=microbatches)
 
     def _run(self, work: CellWork, world: int) -> list[RankReport]:
         if self._joined is not None:

@@ -69,6 +69,7 @@ class CellWork:
     seed: int = 0
     num_layers: int | None = None       # a layer-sliced proxy: run this many layers, scale steps to arch's
     ep: int = 1                         # MoE experts split over ep groups of the TP ranks
+    pp_microbatches: int = 1            # pp: decode pipelined over the stages; 1: the stages in turn
     popularity: ExpertPopularity = field(default_factory=ExpertPopularity)
     kv_memory_fraction: float = 0.9     # of the device memory free after weights and warm-up
     telemetry_interval_s: float = 0.1
@@ -190,7 +191,7 @@ class RankMember:
         executor = None
         try:
             executor = TorchExecutor(model, num_blocks, config.block_size, work.requests.isl, work.requests.osl,
-                                     work.seed)
+                                     work.seed, pp_microbatches=work.pp_microbatches)
             executor.warmup()  # kernel tuning, CUDA-graph capture, first-use costs: never inside the measurement
             if work.num_layers is not None and work.num_layers < work.arch.num_layers:
                 executor.calibrate_proxy(work.arch.num_layers)  # from here on, steps count as the full model's
