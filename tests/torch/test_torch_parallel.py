@@ -127,6 +127,20 @@ def test_pipelined_pp_gives_the_tp1_tokens(arch):
             assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
 
 
+def test_pipelined_tp2pp2_and_pp4_give_the_tp1_tokens(arch):
+    """The ring with a TP group per stage (each TP rank its own ring) and with middle stages (pp4: hidden states
+    handed on twice before the tokens go back), on 4 gloo ranks."""
+    deep = arch(num_layers=4)
+    cases = {"tp2pp2": (deep, 2, 2), "pp4": (deep, 1, 4)}
+    singles = serve_on_ranks([_spec(a, num_blocks=64) for a, _, _ in cases.values()])
+    pipelined = serve_on_ranks([_spec(a, tp, pp, num_blocks=64, pp_microbatches=pp, fast_ops="torch")
+                                for a, tp, pp in cases.values()])
+    for name, single, multi in zip(cases, singles, pipelined):
+        assert (multi.state.generated == OSL).all() and multi.fast_steps > 0, name
+        for request in range(len(ISL)):
+            assert multi.tokens[request].tolist() == single.tokens[request].tolist(), f"{name}: request {request}"
+
+
 def test_pipelined_pp_needs_one_microbatch_per_stage(arch):
     stage = DecoderModel(arch(), ParallelContext(pp=2), torch.float32)  # stage 0 of 2 (no process group needed)
     with pytest.raises(ValueError, match="pp_microbatches=3: the torch engine runs the stages in turn"):
