@@ -146,7 +146,7 @@ def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
     base = hardware.model_copy(update={"efficiency": hardware.efficiency.model_copy(update=measured)})
     fitted, sources, cells, rms = fit_engine_constants(with_hardware(campaign, base), planned, merged, base,
                                                        ["llama-3.1-8b"])
-    assert len(cells) == 14 and all(c.startswith("llama-3.1-8b.") for c in cells)  # PP cells included (graphed)
+    assert len(cells) == 15 and all(c.startswith("llama-3.1-8b.") for c in cells)  # every Llama cell (graphed)
     assert set(fitted) == {"matmul", "iteration_overhead_s"} and np.isfinite(rms)
     profile = make_profile("test-profile", hardware, "torch", {**measured, **fitted}, {
         **{f"efficiency.{k}": "microbenchmark" for k in measured}, **sources}, [MICROBENCH, ROOFLINE], cells)
