@@ -19,7 +19,7 @@ from collections.abc import Callable
 from infscale.launch.failures import Failure, classify_state
 from infscale.launch.jobfn import BenchJob, read_outcome
 from infscale.launch.registry import ACTIVE_STATES, Attempt, Registry, driver_lock, find_active_by_name
-from infscale.launch.resources import container_python, job_resources, submitit_parameters
+from infscale.launch.resources import container_python, job_resources, local_executor, submitit_parameters
 from infscale.launch.settings import LauncherSettings
 from infscale.pipeline import CampaignRun
 from infscale.results.io import cell_file, existing_spec_hash
@@ -59,10 +59,7 @@ def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
 
 
 def _drive_local(run: CampaignRun, job: str, settings: LauncherSettings) -> None:
-    import submitit
-
-    executor = submitit.LocalExecutor(folder=run.results_dir / "jobs" / "submitit")
-    executor.update_parameters(timeout_min=24 * 60)
+    executor = local_executor(run.results_dir / "jobs" / "submitit")
     submitted = executor.submit(BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job,
                                          settings.trtllm))
     submitted.result()

@@ -103,8 +103,9 @@ def drive_engine(run: CampaignRun, label: str, settings: LauncherSettings) -> di
 
     folder = run.results_dir / "jobs" / "submitit"
     if settings.executor == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=24 * 60)
+        from infscale.launch.resources import local_executor
+
+        executor = local_executor(folder)
     else:
         from infscale.launch.resources import container_python, submitit_parameters
 

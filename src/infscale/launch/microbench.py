@@ -101,8 +101,9 @@ def drive_microbench(job: MicrobenchJob, settings: LauncherSettings, folder: Pat
     import submitit
 
     if settings.executor == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=24 * 60)
+        from infscale.launch.resources import local_executor
+
+        executor = local_executor(folder)
     else:
         from infscale.launch.resources import container_python, microbench_resources, submitit_parameters
 

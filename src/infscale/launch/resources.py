@@ -1,10 +1,12 @@
-"""From a bench job (a layout group) to the Slurm resources it asks for, and the submitit parameters."""
+"""From a bench job (a layout group) to the Slurm resources it asks for, and the submitit parameters (or the local
+executor that runs the same job function on this machine)."""
 
 from __future__ import annotations
 
 import math
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 from infscale.campaign.plan import PlannedCell
 from infscale.catalog import Hardware
@@ -13,6 +15,7 @@ from infscale.launch.settings import SlurmSettings
 GPU_BACKENDS = ("torch", "trtllm")
 SIM_SECONDS_PER_CELL = 5.0   # generous: the sim backend takes well under a second per cell
 STARTUP_SECONDS = 300.0      # engine load/build, imports, NCCL set-up of a GPU job
+LOCAL_TIMEOUT_MIN = 24 * 60  # the local executor's limit: long enough for any job, set so none runs forever
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,13 @@ def container_srun_args(settings: SlurmSettings) -> list[str]:
     if container.binds:
         args.append(f"--container-mounts={','.join(container.binds)}")
     return args
+
+
+def local_executor(folder: Path):
+    """submitit's LocalExecutor (a subprocess of this machine, logs and pickles under `folder`) for bench, engine
+    and microbenchmark jobs alike."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    return executor
