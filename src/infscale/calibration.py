@@ -131,8 +131,9 @@ def moe_layer_latency(moe_block: dict[str, Any]) -> tuple[float, str]:
 
 # What an engine's iterations are, by construction (not measured): set in every profile of that engine.
 ENGINE_STRUCTURE = {
-    "torch": ({"pp_microbatches": 1}, "the torch engine runs an iteration's whole batch through its PP stages in "
-                                      "turn, one micro-batch (backends/torch/workers.py); stages do not overlap"),
+    "torch": ({"pp_microbatches": 1}, "unless a cell sets the engine knob pp_microbatches, the torch engine runs "
+                                      "an iteration's whole batch through its PP stages in turn, one micro-batch "
+                                      "(backends/torch/executor.py); stages do not overlap"),
 }
 
 
