@@ -50,7 +50,8 @@ def test_validate_predicts_every_measured_cell(tmp_path: Path) -> None:
     shutil.copytree(RESULTS / "cells", root / "gpu-node" / "cells")
     assert main(["validate", str(ROOT / "config" / "gpu-node.yaml"), "--results-root", str(root)]) == 0
     frame = pl.read_parquet(root / "gpu-node" / "validation.parquet")
-    assert frame.height == MEASURED["gpu-node"] and frame["in_medians"].all()  # every committed cell ran the CUDA-graph path
+    # every committed cell ran the CUDA-graph path
+    assert frame.height == MEASURED["gpu-node"] and frame["in_medians"].all()
     row = frame.row(0, named=True)
     expected = (row["output_tok_s_predicted"] - row["output_tok_s_measured"]) / row["output_tok_s_measured"]
     assert row["output_tok_s_error"] == pytest.approx(expected) and row["output_tok_s_predicted"] > 0
