@@ -20,10 +20,9 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -31,6 +30,9 @@ from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
 from infscale.catalog import Efficiency, Hardware
 from infscale.results.io import write_text_atomic
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class ProfileError(ValueError):
@@ -272,6 +274,7 @@ def fit_engine_constants(campaign: Campaign, planned: list[PlannedCell], merged:
                                                                                list[str], float]:
     """Fit the constants in FITTED on the measured CUDA-graph cells of `train_models` (the others stay fixed at
     `hardware`'s values); returns the constants, their sources, the cells used and the final RMS log error."""
+    import polars as pl  # here, not at the top: loading a profile (a campaign's hardware.profile) needs no polars
     from scipy.optimize import minimize
 
     from infscale.analysis.validate import measured_cells, predict_cells
