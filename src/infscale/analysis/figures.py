@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from infscale.analysis.variants import labelled, with_variant
 from infscale.results.io import write_bytes_atomic, write_text_atomic
 
 DPI = 100
@@ -146,8 +147,9 @@ def _prepare(cells: pl.DataFrame) -> pl.DataFrame:
         pl.Series("short", [short_layout(name) for name in layouts.get_column("layout")], dtype=pl.String),
         pl.Series("family", [_family(*degrees) for degrees in layouts.select("dp", "tp", "pp").iter_rows()],
                   dtype=pl.String))
-    ok = ok.join(dtypes, on="model", how="left").join(names, on=["layout", "dp", "tp", "pp"], how="left",
-                                                      nulls_equal=True).with_columns(
+    ok = with_variant(ok.join(dtypes, on="model", how="left").join(names, on=["layout", "dp", "tp", "pp"],
+                                                                   how="left", nulls_equal=True))
+    ok = ok.with_columns(labelled("short").alias("short")).with_columns(  # a swept engine knob: its own line
         pl.when(pl.col("dtypes") > 1).then(pl.col("model") + " " + pl.col("weight_dtype")).otherwise(pl.col("model"))
         .alias("series"),
         pl.col("predicted").fill_null(pl.col("backend") == "sim").alias("predicted_point"),

@@ -29,6 +29,8 @@ import numpy as np
 import polars as pl
 from scipy.optimize import OptimizeWarning, curve_fit
 
+from infscale.analysis.variants import labelled, with_variant
+
 BOOTSTRAP = 100
 SEED = 0
 
@@ -177,12 +179,14 @@ def fit_campaign(merged: pl.DataFrame, bootstrap: int = BOOTSTRAP, workers: int 
             y = best.get_column("output_tok_s").to_numpy()
             for law in ("usl", "power"):
                 tasks.append(({**base, "family": fam, "x": "gpus", "y": "output_tok_s"}, law, x, y))
-    for group, cells in ok.group_by(("model", "weight_dtype", "workload", "layout", "arrival"), maintain_order=True):
-        model, dtype, workload, layout, arrival = group
+    # one capacity curve per layout and engine variant (cells of a swept knob are not fitted as one curve)
+    ok = with_variant(ok).with_columns(labelled("layout").alias("curve"))
+    for group, cells in ok.group_by(("model", "weight_dtype", "workload", "curve", "arrival"), maintain_order=True):
+        model, dtype, workload, curve, arrival = group
         x = (cells.get_column("isl_max") + cells.get_column("osl_max")).to_numpy()
         y = cells.get_column("output_tok_s_per_gpu").to_numpy()
         tasks.append(({"model": model, "weight_dtype": dtype, "workload": workload, "isl": None, "osl": None,
-                       "arrival": arrival, "family": layout, "x": "isl+osl", "y": "output_tok_s_per_gpu"},
+                       "arrival": arrival, "family": curve, "x": "isl+osl", "y": "output_tok_s_per_gpu"},
                       "capacity", x, y))
     workers = workers or min(8, os.cpu_count() or 1)
     args = [(law, x, y, bootstrap) for _, law, x, y in tasks]

@@ -1,16 +1,13 @@
-"""The campaign summary (`summary.md`): status counts and, per model, output tokens/s per GPU by layout.
-
-Cells that share a table row and column (an engine knob or the KV dtype swept) are told apart by the knobs that
-differ between them, appended to the layout: `dp1tp2pp2 (pp_microbatches=0)`."""
+"""The campaign summary (`summary.md`): status counts and, per model, output tokens/s per GPU by layout (cells of a
+swept engine knob told apart by it: analysis/variants.py)."""
 
 from __future__ import annotations
 
 import polars as pl
 
+from infscale.analysis.variants import labelled, with_variant
+
 OK = pl.col("status") == "ok"
-# what may tell apart cells of one model, layout, weight dtype and workload column
-VARIANT_FIELDS = ("kv_dtype", "max_num_seqs", "max_num_tokens", "kv_memory_fraction", "kv_block_size", "router",
-                  "pp_microbatches", "requests", "seed")
 
 
 def summary_markdown(frame: pl.DataFrame, campaign: str, backend: str, hardware: str, gpus_per_node: int) -> str:
@@ -50,30 +47,12 @@ MEASURED_COLUMNS = [  # (column, header, format)
 ]
 
 
-def _with_variants(rows: pl.DataFrame, keys: list[str], column: str) -> pl.DataFrame:
-    """`column` + " (knob=value, …)" for the rows that share `keys` with another row, naming the fields of
-    VARIANT_FIELDS that differ within their group (pp_microbatches read from the cell's JSON)."""
-    if "pp_microbatches" not in rows.columns:
-        rows = rows.with_columns(pl.col("cell_json").str.json_path_match("$.engine.pp_microbatches")
-                                 .alias("pp_microbatches"))
-    labels = rows.get_column(column).to_list()
-    indexed = rows.with_row_index("_row")
-    for _, group in indexed.group_by(keys, maintain_order=True):
-        if group.height < 2:
-            continue
-        varying = [f for f in VARIANT_FIELDS if f in group.columns and group.get_column(f).n_unique() > 1]
-        for row in group.iter_rows(named=True):
-            knobs = ", ".join(f"{f}={'—' if row[f] is None else row[f]}" for f in varying)
-            labels[row["_row"]] = f"{row[column]} ({knobs})"
-    return rows.with_columns(pl.Series(column, labels, dtype=pl.String))
-
-
 def _measured_table(rows: pl.DataFrame) -> list[str]:
     """Every measured cell with its throughput, latency, batch, KV and energy numbers (not for the sim, whose
     campaigns run to thousands of cells)."""
     if rows.is_empty():
         return []
-    rows = _with_variants(rows, ["model", "layout", "weight_dtype", "workload", "isl", "osl", "arrival"], "layout")
+    rows = with_variant(rows).with_columns(labelled("layout").alias("layout"))
     lines = ["## measured cells", "", "| " + " | ".join(h for _, h, _ in MEASURED_COLUMNS) + " |",
              "|" + "---|" * len(MEASURED_COLUMNS)]
     for row in rows.iter_rows(named=True):
@@ -89,7 +68,7 @@ def _model_table(rows: pl.DataFrame, model: str, gpus: int) -> list[str]:
         (pl.col("layout") + pl.col("weight_dtype").map_elements(lambda d: "" if d == "bf16" else f" {d}",
                                                                   return_dtype=pl.String)).alias("row"),
     )
-    rows = _with_variants(rows, ["row", "column"], "row")
+    rows = with_variant(rows).with_columns(labelled("row").alias("row"))
     columns = rows.get_column("column").unique(maintain_order=True).to_list()
     best = {c: rows.filter(pl.col("column") == c).get_column("output_tok_s_per_gpu").max() for c in columns}
     header = f"| layout ({gpus} GPUs) | " + " | ".join(columns) + " |"
