@@ -137,6 +137,31 @@ def test_an_engine_without_micro_batches_runs_its_pp_stages_in_turn() -> None:
         build_step_model(model, hardware, tp4, "bf16", "bf16").iteration_time(8, 8, 8000, 8000))
 
 
+def test_a_cell_that_pipelines_decode_keeps_its_engines_prefill_schedule() -> None:
+    """A torch profile says 1 (stages in turn); a cell with pp_microbatches 0 pipelines its decode steps, but
+    the engine still runs iterations with prompt tokens in turn, and the model says so. A cell of an engine that
+    pipelines anyway (catalog: 0) pipelines both; a cell asking for 1 runs both in turn."""
+    from infscale.calibration import with_efficiency
+    from infscale.catalog import get_model
+    from infscale.layout import Layout
+    from infscale.perfmodel import build_step_model
+
+    model, hardware = get_model("llama-3.1-8b"), get_hardware("h100-sxm")
+    torch_engine = with_efficiency(hardware, {"pp_microbatches": 1})
+    layout = Layout(dp=1, tp=2, pp=2)
+    cell = build_step_model(model, torch_engine, layout, "bf16", "bf16", pp_microbatches=0)
+    assert (cell.microbatches(64), cell.microbatches(64, prefill=True)) == (2, 1)
+    in_turn = build_step_model(model, torch_engine, layout, "bf16", "bf16")
+    pipelined = build_step_model(model, hardware, layout, "bf16", "bf16")
+    args = (64, 64, 64 * 4096, 64 * 4096)
+    assert cell.iteration_time(*args) == pytest.approx(pipelined.iteration_time(*args))
+    assert cell.iteration_time(*args, prefill=True) == pytest.approx(in_turn.iteration_time(*args, prefill=True))
+    both = build_step_model(model, hardware, layout, "bf16", "bf16", pp_microbatches=0)
+    assert (both.microbatches(64), both.microbatches(64, prefill=True)) == (2, 2)
+    neither = build_step_model(model, hardware, layout, "bf16", "bf16", pp_microbatches=1)
+    assert (neither.microbatches(64), neither.microbatches(64, prefill=True)) == (1, 1)
+
+
 def test_fit_on_one_model_and_check_the_other(tmp_path: Path) -> None:
     campaign = load_campaign(CONFIG)
     planned = plan_campaign(campaign)

@@ -58,6 +58,7 @@ class StepModel:
     p2p_bandwidth: float
     iteration_overhead: float
     pp_microbatches: int = 0        # 0: one micro-batch per stage; n: at most n (1: the stages in turn)
+    prefill_microbatches: int = 0   # the same for iterations that carry prompt tokens
 
     # -------------------------------------------------------------------------------------------- parts
 
@@ -96,12 +97,14 @@ class StepModel:
 
     # -------------------------------------------------------------------------------------------- iterations
 
-    def microbatches(self, sequences: float) -> int:
-        most = self.pp_microbatches or self.pp
+    def microbatches(self, sequences: float, prefill: bool = False) -> int:
+        most = (self.prefill_microbatches if prefill else self.pp_microbatches) or self.pp
         return int(max(1, min(most, sequences)))
 
-    def iteration_time(self, sequences: int, tokens: float, kv_tokens_read: float, attention_pairs: float) -> float:
-        microbatches = self.microbatches(sequences)
+    def iteration_time(self, sequences: int, tokens: float, kv_tokens_read: float, attention_pairs: float,
+                       prefill: bool = False) -> float:
+        """One iteration; `prefill`: it carries prompt tokens (split by `prefill_microbatches`)."""
+        microbatches = self.microbatches(sequences, prefill)
         per_mb = self.stage_time(tokens / microbatches, kv_tokens_read / microbatches, attention_pairs / microbatches,
                                  sequences / microbatches)
         return self.pp * (per_mb + self.p2p_time(tokens / microbatches)) + self.iteration_overhead
@@ -119,7 +122,9 @@ class StepModel:
 
 def build_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
                      efficiency: Efficiency | None = None, pp_microbatches: int | None = None) -> StepModel:
-    """`pp_microbatches`: the cell's own engine setting, over the efficiency's (None: the efficiency's)."""
+    """`pp_microbatches`: the cell's own engine setting, over the efficiency's (None: the efficiency's) for
+    decode steps; iterations with prompt tokens take the fewer of the two: an engine pipelines prefill no further
+    than its own schedule does (the torch engine, 1 in its profiles, runs prefill in turn when it pipelines decode)."""
     eff = efficiency or hardware.efficiency
     counts = model.param_counts()
     tp, pp, ep = layout.tp, layout.pp, layout.ep
@@ -182,4 +187,12 @@ def build_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weigh
         p2p_bandwidth=hardware.internode_bandwidth if spans_nodes else hardware.nvlink_bandwidth,
         iteration_overhead=eff.iteration_overhead_s,
         pp_microbatches=eff.pp_microbatches if pp_microbatches is None else pp_microbatches,
+        prefill_microbatches=_fewer_microbatches(eff.pp_microbatches, pp_microbatches, pp),
     )
+
+
+def _fewer_microbatches(engine: int, cell: int | None, pp: int) -> int:
+    """The smaller of two micro-batch caps, where 0 means one per stage (pp); None: the engine's alone."""
+    if cell is None:
+        return engine
+    return min(engine or pp, cell or pp)

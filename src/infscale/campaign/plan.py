@@ -151,7 +151,8 @@ def _estimate_seconds(cell: Cell, model: ModelArch, hardware: Hardware, memory: 
     step, _ = step_model.decode_line(batch, batch * average_context)
     decode_seconds = cell.requests * osl / (cell.dp * batch / step)
     chunk = cell.engine.max_num_tokens
-    prefill_step = step_model.iteration_time(max(1, int(chunk // max(isl, 1))), chunk, chunk, chunk * isl / 2)
+    prefill_step = step_model.iteration_time(max(1, int(chunk // max(isl, 1))), chunk, chunk, chunk * isl / 2,
+                                             prefill=True)
     prefill_seconds = cell.requests * isl / chunk * prefill_step / cell.dp
     if cell.arrival.mode == "poisson":
         return max(decode_seconds + prefill_seconds, cell.requests / (cell.arrival.rate or 1.0))

@@ -22,7 +22,8 @@ class SimExecutor:
         kv_read = float(batch.decode_context.sum() + (past + chunks).sum())
         pairs = float(batch.decode_context.sum() + (chunks * (past + (chunks + 1) / 2)).sum())
         sequences = len(batch.decode_ids) + len(batch.prefill_ids)
-        return self.model.iteration_time(sequences, batch.num_tokens, kv_read, pairs)
+        return self.model.iteration_time(sequences, batch.num_tokens, kv_read, pairs,
+                                         prefill=len(batch.prefill_ids) > 0)
 
     def decode_steps(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None) -> np.ndarray:
         first, slope = self.model.decode_line(len(ids), float(context.sum()))
