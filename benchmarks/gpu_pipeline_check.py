@@ -15,15 +15,11 @@ pipelined run's relative differences. Needs only torch, this package, pydantic a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpu_proxy_check import METRICS, TINY_CONFIG, measure, relative
-
-from infscale.backends.torch.backend import TorchBackend
+from gpu_proxy_check import compare_runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,31 +46,9 @@ def campaign_dict(args: argparse.Namespace, model: str, microbatches: int | None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        model = "llama-3.1-8b"
-        device = None
-        if args.tiny:
-            model = str(Path(scratch) / "config.json")
-            Path(model).write_text(json.dumps(TINY_CONFIG))
-            device = "cpu"
-        backend = TorchBackend(device)
-        try:
-            in_turn = measure(backend, campaign_dict(args, model, None))
-            print(f"in turn:   {json.dumps({k: in_turn[k] for k in METRICS})}", flush=True)
-            pipelined = measure(backend, campaign_dict(args, model, 0))
-            print(f"pipelined: {json.dumps({k: pipelined[k] for k in METRICS})}", flush=True)
-        finally:
-            backend.close()
-    if pipelined["output_tokens"] != in_turn["output_tokens"]:
-        raise SystemExit(f"the runs generated {in_turn['output_tokens']} and {pipelined['output_tokens']} tokens")
-    report = {"layout": args.layout, "requests": args.requests, "isl": args.isl, "osl": args.osl,
-              "tiny": args.tiny, "in_turn": in_turn, "pipelined": pipelined,
-              "relative_difference": relative(pipelined, in_turn)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"relative differences (pipelined vs in turn): {json.dumps(report['relative_difference'])}")
-    print(f"wrote {args.out}")
-    return 0
+    return compare_runs(args, ("in_turn", "pipelined"),
+                        lambda model: (campaign_dict(args, model, None), campaign_dict(args, model, 0)),
+                        {"layout": args.layout})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,11 @@ def relative(proxy: dict[str, Any], full: dict[str, Any]) -> dict[str, float | N
     return {m: (proxy[m] - full[m]) / full[m] if proxy.get(m) is not None and full.get(m) else None for m in METRICS}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def compare_runs(args: argparse.Namespace, names: tuple[str, str],
+                 campaigns: Callable[[str], tuple[dict[str, Any], dict[str, Any]]], settings: dict[str, Any]) -> int:
+    """Measure the one-cell campaigns `campaigns(model)` gives (Llama-3.1-8B, or the toy model on CPU with
+    --tiny) one after the other on one backend, refuse runs that generated different token counts, and write
+    `args.out`: `settings`, both runs under `names` and the second's relative difference from the first."""
     with tempfile.TemporaryDirectory() as scratch:
         model = "llama-3.1-8b"
         device = None
@@ -94,23 +98,30 @@ def main(argv: list[str] | None = None) -> int:
             Path(model).write_text(json.dumps(TINY_CONFIG))
             device = "cpu"
         backend = TorchBackend(device)
+        runs = []
         try:
-            full = measure(backend, campaign_dict(args, model, None))
-            print(f"full:  {json.dumps({k: full[k] for k in METRICS})}", flush=True)
-            proxy = measure(backend, campaign_dict(args, model, args.proxy_layers))
-            print(f"proxy: {json.dumps({k: proxy[k] for k in METRICS})}", flush=True)
+            for name, raw in zip(names, campaigns(model)):
+                runs.append(measure(backend, raw))
+                print(f"{name}: {json.dumps({k: runs[-1][k] for k in METRICS})}", flush=True)
         finally:
             backend.close()
-    if proxy["output_tokens"] != full["output_tokens"]:
-        raise SystemExit(f"the runs generated {full['output_tokens']} and {proxy['output_tokens']} tokens")
-    report = {"layout": args.layout, "proxy_layers": args.proxy_layers, "requests": args.requests,
-              "isl": args.isl, "osl": args.osl, "tiny": args.tiny, "full": full, "proxy": proxy,
-              "relative_difference": relative(proxy, full)}
+    base, other = runs
+    if other["output_tokens"] != base["output_tokens"]:
+        raise SystemExit(f"the runs generated {base['output_tokens']} and {other['output_tokens']} tokens")
+    report = {**settings, "requests": args.requests, "isl": args.isl, "osl": args.osl, "tiny": args.tiny,
+              names[0]: base, names[1]: other, "relative_difference": relative(other, base)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"relative differences (proxy vs full): {json.dumps(report['relative_difference'])}")
+    print(f"relative differences ({names[1]} vs {names[0]}): {json.dumps(report['relative_difference'])}")
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return compare_runs(args, ("full", "proxy"),
+                        lambda model: (campaign_dict(args, model, None), campaign_dict(args, model, args.proxy_layers)),
+                        {"layout": args.layout, "proxy_layers": args.proxy_layers})
 
 
 if __name__ == "__main__":
