@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from infscale.backends.base import Artefact, BuildSpec, CellResult
+from infscale.backends.torch.executor import pipeline_microbatches
 from infscale.backends.torch.workers import (
     STATE_COLUMNS,
     CellWork,
@@ -71,12 +72,8 @@ class TorchBackend:
             raise NotImplementedError(f"router {cell.engine.router!r} with {cell.arrival.mode} arrivals needs the "
                                       "replicas' live load; the torch backend runs DP replicas in separate "
                                       "processes: use router round_robin")
-        # unset: the stages in turn (as before the knob existed); 0: one micro-batch per stage
-        knob = cell.engine.pp_microbatches
-        microbatches = 1 if knob is None else (knob or cell.pp)
-        if microbatches not in (1, cell.pp):
-            raise ValueError(f"{cell.id}: pp_microbatches={knob}; the torch engine runs the PP stages in turn (1) or "
-                             f"pipelines one micro-batch per stage (0 or {cell.pp})")
+        # checked here, before any rank builds the model (unset: the stages in turn, as before the knob existed)
+        microbatches = pipeline_microbatches(cell.engine.pp_microbatches, cell.pp)
         if microbatches > 1 and cell.proxy_layers is not None:
             raise ValueError(f"{cell.id}: layer-sliced proxy runs of pipelined PP (pp_microbatches > 1) are not "
                              "supported")

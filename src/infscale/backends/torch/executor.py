@@ -92,6 +92,16 @@ def _fingerprint(*arrays: np.ndarray) -> float:
     return float(crc)
 
 
+def pipeline_microbatches(knob: int | None, pp: int) -> int:
+    """The micro-batches the torch engine splits a decode step into for the engine knob `pp_microbatches`: unset or
+    1, the stages in turn (1); 0 or pp, one per stage (pp); anything else is refused by name."""
+    count = 1 if knob is None else (knob or pp)
+    if count not in (1, pp):
+        raise ValueError(f"pp_microbatches={knob}: the torch engine runs the stages in turn (1) or pipelines one "
+                         f"micro-batch per stage (0 or {pp})")
+    return count
+
+
 def make_fast_ops(kind: str | None, device: torch.device):
     """The fast path's operations: "triton" (the kernels of triton_attention), "torch" (the same fused step in
     plain torch), or None: triton on CUDA where it is installed, else torch."""
@@ -140,9 +150,7 @@ class TorchExecutor:
         self.decode_iterations = 0
         self.fast_steps = 0
         self.scaling: LayerScaling | None = None  # a proxy's step-time scaling (calibrate_proxy)
-        if pp_microbatches not in (1, self.ctx.pp):
-            raise ValueError(f"pp_microbatches={pp_microbatches}: the torch engine runs the stages in turn (1) or "
-                             f"pipelines one micro-batch per stage ({self.ctx.pp})")
+        pp_microbatches = pipeline_microbatches(pp_microbatches, self.ctx.pp)
         pipelined = pp_microbatches > 1
         unsupported = model.fast_decode_unsupported()
         if pipelined and (fast is False or unsupported is not None):
@@ -169,14 +177,11 @@ class TorchExecutor:
         sizes = tuple(b for b in sizes if b <= cap)
         self.ops = make_fast_ops(fast_ops, self.device)
         self.tune = self.device.type == "cuda" and self.ops.name == "triton" if tune is None else tune
-        if pipelined:
-            self.pipeline = [DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
-                                          batch_sizes=sizes, mode=graph_mode, pipelined=True)
-                             for _ in range(pp_microbatches)]
-            self.graphs = self.pipeline[0]
-            return
-        self.graphs = DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
-                                   batch_sizes=sizes, mode=graph_mode)
+        graphs = [DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
+                               batch_sizes=sizes, mode=graph_mode, pipelined=pipelined)
+                  for _ in range(pp_microbatches)]
+        self.graphs = graphs[0]
+        self.pipeline = graphs if pipelined else None
 
     # -------------------------------------------------------------------------------------------- tokens
 
