@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from infscale.results.io import write_text_atomic
 from infscale.results.provenance import utc_now
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -65,10 +66,7 @@ class Registry:
         return JobRecord(data["job"], [Attempt(**a) for a in data["attempts"]])
 
     def save(self, record: JobRecord) -> None:
-        path = self.path(record.job)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(record), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(self.path(record.job), json.dumps(asdict(record), indent=1))
 
     def records(self) -> list[JobRecord]:
         return [self.load(p.stem) for p in sorted(self.folder.glob("*.json")) if not p.name.startswith(".")]
@@ -91,9 +89,7 @@ class Registry:
             except (OSError, ValueError, KeyError):
                 pass  # no cache, or a damaged one: query again
             states = query_states(self.active_ids())
-            tmp = cache.with_name(f".status.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"queried_at": time.time(), "states": states}))
-            os.replace(tmp, cache)
+            write_text_atomic(cache, json.dumps({"queried_at": time.time(), "states": states}))
             return states
 
     def invalidate_states(self) -> None:
