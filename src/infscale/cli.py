@@ -167,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     ae_verify = ae_commands.add_parser("verify", help="check every file of a bundle against its manifest")
     ae_verify.add_argument("bundle", type=Path)
     ae_regen = ae_commands.add_parser("regenerate", help="rebuild fits, claims (figures, report) from a bundle's "
-                                      "cells, no GPU; check the tables are identical")
+                                      "cells, no GPU; check them against the bundled ones (tables: floats "
+                                      "within --rel-tol, the rest exactly)")
     ae_regen.add_argument("bundle", type=Path)
     ae_regen.add_argument("--out", type=Path, help="default: BUNDLE/regenerated")
+    ae_regen.add_argument("--rel-tol", type=_relative_tolerance, default=None, metavar="REL",
+                          help="relative tolerance of the tables' floats (integers and strings compare exactly); "
+                          "default 1e-9 (infscale.ae.tables.REL_TOL)")
     ae_reduce = ae_commands.add_parser("reduce", help="derive a reduced-scale campaign (CPU with the sim backend, "
                                        "or one GPU) and print its expected wall time")
     ae_reduce.add_argument("config", type=Path)
@@ -220,6 +224,16 @@ def _campaign_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-root", type=Path, default=Path("results"))
     parser.add_argument("--packing", default="auto", choices=("auto", "layout", "model"),
                         help="bench job per layout (GPU backends) or per model; auto: model for sim, else layout")
+
+
+def _relative_tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a relative tolerance of 0 or more, e.g. 1e-9")
+    return value
 
 
 def _campaign_run(args: argparse.Namespace):
@@ -641,6 +655,10 @@ def cmd_ae_bundle(args: argparse.Namespace) -> int:
                          profiles_dir=args.profiles, container_digest=args.container_digest, tolerances=tolerances)
     print(f"{bundle.directory}: {bundle.files} files, {bundle.bytes / 2**20:.1f} MiB (manifest.json, ARTIFACT.md)")
     print(f"{bundle.tarball}: {bundle.tarball.stat().st_size / 2**20:.1f} MiB")
+    if bundle.git_tree_dirty:
+        print(f"warning: the code has uncommitted changes on top of commit {bundle.git_commit}; ARTIFACT.md and "
+              "manifest.json (git_tree_dirty) say so. Commit them and bundle again to give reviewers a commit that "
+              "is the code", file=sys.stderr)
     return 0
 
 
@@ -655,7 +673,9 @@ def cmd_ae_verify(args: argparse.Namespace) -> int:
 def cmd_ae_regenerate(args: argparse.Namespace) -> int:
     from infscale.ae.regenerate import regenerate
 
-    result = regenerate(args.bundle, args.out)
+    from infscale.ae.tables import REL_TOL
+
+    result = regenerate(args.bundle, args.out, REL_TOL if args.rel_tol is None else args.rel_tol)
     print("\n".join(result.lines()))
     return 0 if result.ok else 1
 

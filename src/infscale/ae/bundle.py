@@ -47,6 +47,8 @@ class Bundle:
     tarball: Path
     files: int
     bytes: int
+    git_commit: str | None = None     # the commit of the code that bundled (without `-dirty`)
+    git_tree_dirty: bool = False      # its working tree had uncommitted changes (ARTIFACT.md says so)
 
 
 def bundle_name(campaign: str) -> str:
@@ -102,11 +104,12 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
     from infscale.ae.reduce import reduce_campaign
     from infscale.campaign.plan import write_plan
     from infscale.pipeline import CampaignRun
-    from infscale.results.provenance import git_commit
+    from infscale.results.provenance import git_commit, split_commit
     from infscale.results.schemas import SCHEMA_VERSION
 
     run = CampaignRun(Path(campaign_file), Path(results_root), packing)
     name = run.campaign.name
+    commit, dirty = split_commit(git_commit())
     missing = [f for f in REQUIRED if not (run.results_dir / f).is_file()]
     if missing:
         raise BundleError(f"{run.results_dir}: {', '.join(missing)} missing; run the campaign's analysis first "
@@ -166,7 +169,8 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
             "manifest_version": MANIFEST_VERSION,
             "results_schema_version": SCHEMA_VERSION,
             "infscale_version": infscale.__version__,
-            "git_commit": git_commit(),
+            "git_commit": commit,
+            "git_tree_dirty": dirty,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "campaign": name,
             "campaign_file": config_rel,
@@ -186,4 +190,5 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
         raise
     _tar(directory, tarball)
     entries = manifest["files"]
-    return Bundle(directory, tarball, len(entries), sum(int(e["size"]) for e in entries))  # type: ignore[union-attr]
+    return Bundle(directory, tarball, len(entries), sum(int(e["size"]) for e in entries),  # type: ignore[union-attr]
+                  commit, dirty)
