@@ -15,6 +15,7 @@ import pytest
 
 from infscale.campaign.spec import Arrival, LengthDist
 from infscale.results import provenance
+from infscale.results.integrity import check_cell_file
 from infscale.results.io import (
     META_CELL,
     META_PROVENANCE,
@@ -23,7 +24,6 @@ from infscale.results.io import (
     SchemaVersionError,
     build_cell_table,
     cell_file,
-    existing_spec_hash,
     read_metadata,
     read_summary,
     write_cell,
@@ -142,8 +142,8 @@ def test_write_cell_is_readable_with_summary_and_nested_rows(tmp_path, table, me
     # summary-only readers never need the nested columns
     assert read_summary(path)["output_tokens"] == summary["output_tokens"]
     assert set(read_summary(path)) == set(SUMMARY_COLUMNS)
-    assert existing_spec_hash(path) == SPEC_HASH
-    assert existing_spec_hash(tmp_path / "cells" / "missing.parquet") is None
+    assert check_cell_file(path, SPEC_HASH, CELL_JSON).state == "valid"
+    assert check_cell_file(tmp_path / "cells" / "missing.parquet", SPEC_HASH, CELL_JSON).state == "absent"
     assert leftovers(path.parent) == []
 
 

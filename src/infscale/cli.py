@@ -384,7 +384,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     run = _campaign_run(args)
     frame = write_merge(run)
     print(f"merged {frame.height} cells into {run.merged_file}")
+    _warn_file_problems(frame, run.summary_file)
     return 0
+
+
+def _warn_file_problems(frame, summary_file: Path) -> bool:
+    """One line on stderr when merged cells have a missing, damaged or misnamed file; True when any has."""
+    from infscale.results.schemas import FILE_PROBLEMS
+
+    counts = dict(frame.group_by("status").len().iter_rows())
+    if not any(counts.get(status) for status in FILE_PROBLEMS):
+        return False
+    print("warning: cell files need attention: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in FILE_PROBLEMS)
+          + f" (listed in {summary_file}); rerun the campaign to measure the missing and damaged cells again",
+          file=sys.stderr)
+    return True
 
 
 def _read_merged(run):  # -> polars.DataFrame | None
@@ -604,6 +618,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"{run.summary_file} does not exist yet; run the campaign first", file=sys.stderr)
         return 1
     print(run.summary_file.read_text())
+    check = run.check_cells()  # the files now, which may have changed since summary.md was written
+    if check.problems:
+        print(f"warning: cell files need attention now: {check.counts()}; rerun the campaign to measure the "
+              "missing and damaged cells again", file=sys.stderr)
+        for line in check.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -672,7 +693,6 @@ def cmd_ae_verify(args: argparse.Namespace) -> int:
 
 def cmd_ae_regenerate(args: argparse.Namespace) -> int:
     from infscale.ae.regenerate import regenerate
-
     from infscale.ae.tables import REL_TOL
 
     result = regenerate(args.bundle, args.out, REL_TOL if args.rel_tol is None else args.rel_tol)

@@ -10,7 +10,8 @@
   results/<campaign>/         the results directory: plan.parquet (written from the campaign file), cells/ (every
                               cell's Parquet), failures/, cells.parquet, summary.md, fits.parquet, claims.parquet,
                               claims.md, validation*, figures/, report.html, PROVENANCE.md, logs/ — whatever exists;
-                              not jobs/ (registry, locks, Slurm folders) nor launcher.json (this cluster's settings)
+                              not jobs/ (registry, locks, Slurm folders), damaged/ (unreadable files moved aside)
+                              nor launcher.json (this cluster's settings)
   environment/                constraints.txt (the lock file), pyproject.toml, envs/ (container definitions),
                               container.txt (the image digest, when one was used)
   profiles/                   the hardware profiles of the campaign's GPU (results/reference/profiles)
@@ -36,7 +37,8 @@ from infscale.ae.compare import DEFAULT_TOLERANCES, TOLERANCES_NAME, tolerance_d
 from infscale.ae.manifest import MANIFEST_NAME, MANIFEST_VERSION, BundleError, file_entries
 
 REPO_ROOT = Path(infscale.__file__).resolve().parents[2]   # the checkout (src layout)
-SKIP_DIRS = {"jobs"}                 # machine-specific: job registry, locks, submitit folders
+SKIP_DIRS = {"jobs", "damaged"}     # machine-specific: job registry, locks, submitit folders; damaged files
+                                     # moved aside (logs/cell-check.log, bundled, says what happened to them)
 SKIP_FILES = {"launcher.json", "plan.parquet"}   # this cluster's settings; the plan is rewritten from the config
 REQUIRED = ("cells.parquet", "fits.parquet", "claims.parquet")
 
@@ -114,6 +116,10 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
     if missing:
         raise BundleError(f"{run.results_dir}: {', '.join(missing)} missing; run the campaign's analysis first "
                           f"(infscale merge, fit, claims {campaign_file} --results-root {results_root})")
+    check = run.check_cells()  # read only: a bundle never holds a merged table its cell files no longer back
+    if check.problems:
+        raise BundleError(f"{run.results_dir}: cell files need attention ({check.counts()}: "
+                          f"{check.lines()[0]}); rerun the campaign first")
     if Path(out).resolve().is_relative_to(run.results_dir.resolve()):
         raise BundleError(f"--out {out}: inside the results directory {run.results_dir}; choose a folder outside it")
     directory = Path(out) / bundle_name(name)

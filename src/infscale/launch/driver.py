@@ -22,7 +22,8 @@ from infscale.launch.registry import ACTIVE_STATES, Attempt, Registry, driver_lo
 from infscale.launch.resources import container_python, job_resources, local_executor, submitit_parameters
 from infscale.launch.settings import LauncherSettings
 from infscale.pipeline import CampaignRun
-from infscale.results.io import cell_file, existing_spec_hash
+from infscale.results.integrity import MISNAMED, VALID, check_cell_file
+from infscale.results.io import cell_file
 from infscale.results.provenance import utc_now
 
 
@@ -35,9 +36,10 @@ def slurm_job_name(campaign: str, job: str) -> str:
 
 
 def missing_cells(run: CampaignRun, job: str) -> list[str]:
-    """Cells of the job without a result file (measured or measured-infeasible)."""
+    """Cells of the job without an intact result file (measured or measured-infeasible)."""
     return [p.cell.id for p in run.jobs()[job]
-            if existing_spec_hash(cell_file(run.results_dir, p.cell.id)) != p.cell.spec_hash]
+            if check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash, p.cell.spec_json).state
+            != VALID]
 
 
 def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
@@ -54,8 +56,12 @@ def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
                 _drive_slurm(run, job, settings, registry, log)
     missing = missing_cells(run, job)
     if missing:
+        refused = [found.reason for p in run.jobs()[job] if p.cell.id in missing
+                   and (found := check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash,
+                                                 p.cell.spec_json)).state == MISNAMED]
         raise JobFailed(f"{job}: {len(missing)} cell(s) not measured (see {run.results_dir}/failures/ and "
-                        f"logs/measured.log); rerun to retry them")
+                        "logs/measured.log); rerun to retry them"
+                        + (f"; {len(refused)} refused: {refused[0]}; move that file away" if refused else ""))
 
 
 def _drive_local(run: CampaignRun, job: str, settings: LauncherSettings) -> None:

@@ -40,6 +40,11 @@ def cell_file(results_dir: Path, cell_id: str) -> Path:
     return Path(results_dir) / "cells" / f"{cell_id}.parquet"
 
 
+def measured_log(results_dir: Path) -> Path:
+    """`logs/measured.log`: one line per measured cell (UTC time, cell id, status, host, Slurm job, reason)."""
+    return Path(results_dir) / "logs" / "measured.log"
+
+
 def failure_file(results_dir: Path, cell_id: str) -> Path:
     """`failures/<cell id>.<UTC stamp without dots>.parquet`: one file per failed attempt, sortable by time."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -180,13 +185,6 @@ def check_schema_version(version: str, source: object) -> None:
             f"{source}: schema version {version} cannot be read by this infscale (schema {SCHEMA_VERSION}); "
             "use the infscale release that wrote it"
         )
-
-
-def existing_spec_hash(path: Path) -> str | None:
-    """The spec hash stored in a complete result file, or None when there is no file."""
-    if not Path(path).exists():
-        return None
-    return pq.read_table(path, columns=["spec_hash"]).column("spec_hash")[0].as_py()
 
 
 def read_summary(path: Path) -> dict[str, Any]:
