@@ -135,6 +135,15 @@ def test_bundle_needs_the_analysis_first(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ verify
 
 
+def test_bundle_refuses_results_whose_cell_files_are_damaged(tmp_path: Path) -> None:
+    shutil.copytree(REFERENCE / "gpu-node", tmp_path / "results" / "gpu-node")
+    victim = sorted((tmp_path / "results" / "gpu-node" / "cells").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(BundleError, match="cell files need attention \\(0 missing, 1 damaged, 0 misnamed"):
+        make_bundle(GPU_NODE, tmp_path / "results", tmp_path / "out")
+    assert victim.stat().st_size == 100 and not (tmp_path / "out" / "gpu-node-ae").exists()  # nothing moved
+
+
 def test_one_altered_byte_fails_verify_naming_the_file(gpu_bundle: Path, tmp_path: Path, capsys) -> None:
     bundle = copy_bundle(gpu_bundle, tmp_path)
     victim = sorted((bundle / "results" / "gpu-node" / "cells").glob("*.parquet"))[3]
