@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -630,6 +631,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from infscale.launch.registry import LockHeld, driver_lock
+    from infscale.launch.snakemake_lock import stale_lock
     from infscale.pipeline import CampaignRun
 
     run = CampaignRun(args.config, args.results_root, "auto")
@@ -641,18 +643,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         base += ["--configfile", str(args.settings.resolve())]
     config = ["--config", f"campaign={args.config.resolve()}", f"results_root={args.results_root.resolve()}"]
     extra = list(args.snakemake_args)
+    say = lambda line: print(f"infscale run: {line}", file=sys.stderr)  # noqa: E731
     try:
-        with driver_lock(run.results_dir / "jobs" / "driver.lock", f"campaign {run.campaign.name}"):
-            if (workdir / ".snakemake" / "locks").is_dir() and any((workdir / ".snakemake" / "locks").iterdir()):
-                # we hold the campaign lock, so whoever left Snakemake's lock is dead
+        with driver_lock(run.results_dir / "jobs" / "driver.lock", f"campaign {run.campaign.name}", log=say):
+            if stale_lock(workdir):  # refuses (LockHeld) while a live snakemake holds it: launch/snakemake_lock.py
                 subprocess.call([*base, *config, "--unlock"], stdout=subprocess.DEVNULL)
-            status = subprocess.call([*base, *config, *extra])
+                say(f"removed the Snakemake lock of {workdir}: the snakemake that held it is gone")
+            # --rerun-incomplete: a driver killed mid-run leaves its jobs' outputs marked incomplete; every infscale
+            # output is written atomically (complete or absent) and its job is safe to run again
+            status = subprocess.call([*base, *config, "--rerun-incomplete", *extra], preexec_fn=_stop_with(os.getpid()))
     except LockHeld as err:
         print(err, file=sys.stderr)
         return 1
     if status == 0 and run.summary_file.exists():
         print(run.summary_file.read_text())
     return status
+
+
+def _stop_with(parent: int):
+    """For the Snakemake child of `infscale run` (preexec_fn): SIGTERM when `parent` dies, even by SIGKILL (Linux
+    prctl PR_SET_PDEATHSIG), so that no workflow goes on unwatched; Snakemake then finishes its running jobs and
+    exits, releasing its lock."""
+    def arm() -> None:
+        if sys.platform == "linux":
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+    return arm
 
 
 def cmd_ae(args: argparse.Namespace) -> int:

@@ -45,15 +45,16 @@ def missing_cells(run: CampaignRun, job: str) -> list[str]:
 def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
               log: Callable[[str], None] = print) -> None:
     """Return when every cell of `job` is on disk; raise JobFailed otherwise."""
-    if settings.executor == "debug":
-        BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job, settings.trtllm)()
-    else:
-        registry = Registry(run.results_dir)
-        with driver_lock(registry.folder / f"{job}.lock", f"bench job {job} of campaign {run.campaign.name}"):
-            if settings.executor == "local":
-                _drive_local(run, job, settings)
-            else:
-                _drive_slurm(run, job, settings, registry, log)
+    registry = Registry(run.results_dir)
+    # one live driver per bench job, whatever the executor: a second one (say, of a workflow started again while
+    # a killed workflow's bench job still runs) is refused instead of measuring the same cells
+    with driver_lock(registry.folder / f"{job}.lock", f"bench job {job} of campaign {run.campaign.name}", log):
+        if settings.executor == "debug":
+            BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job, settings.trtllm)()
+        elif settings.executor == "local":
+            _drive_local(run, job, settings)
+        else:
+            _drive_slurm(run, job, settings, registry, log)
     missing = missing_cells(run, job)
     if missing:
         refused = [found.reason for p in run.jobs()[job] if p.cell.id in missing

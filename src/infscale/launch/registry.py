@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from infscale.results.io import write_text_atomic
 from infscale.results.provenance import utc_now
@@ -175,8 +175,9 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def driver_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold `path` while driving `what`. A lock whose process is dead (same host) is taken over."""
+def driver_lock(path: Path, what: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold `path` while driving `what`. A lock whose process is dead (same host) is taken over, and `log` is
+    told so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now()}
     with _flock(path.with_name(path.name + ".guard")):
@@ -192,6 +193,9 @@ def driver_lock(path: Path, what: str) -> Iterator[None]:
                     f"(since {holder.get('started_at')}); stop that driver first"
                     + ("" if same_host else f", or remove {path} if it is gone")
                 )
+            if holder and log:
+                log(f"taking over {what} from a driver that is gone (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('started_at')})")
         path.write_text(json.dumps(me))
     try:
         yield
