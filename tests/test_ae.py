@@ -176,9 +176,15 @@ def test_a_bundle_of_a_newer_schema_is_a_clear_error(gpu_bundle: Path, tmp_path:
         assert main(command) == 2
         err = capsys.readouterr().err
         assert "manifest version 2.0 is newer than this infscale reads (1.0)" in err, err
-    (bundle / MANIFEST_NAME).write_text(json.dumps({**manifest, "results_schema_version": "2.0"}))
+    (bundle / MANIFEST_NAME).write_text(json.dumps({**manifest, "results_schema_version": "3.0"}))
     assert main(["ae", "verify", str(bundle)]) == 2
-    assert "schema version 2.0" in capsys.readouterr().err
+    assert "schema version 3.0" in capsys.readouterr().err
+    # an older schema this infscale reads: verified and compared as it is; regenerated tables could not equal it
+    (bundle / MANIFEST_NAME).write_text(json.dumps({**manifest, "results_schema_version": "1.1"}))
+    assert main(["ae", "verify", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["ae", "regenerate", str(bundle)]) == 2
+    assert "written under results schema 1.1" in capsys.readouterr().err
 
 
 def test_not_a_bundle_is_a_clear_error(tmp_path: Path, capsys) -> None:

@@ -166,3 +166,21 @@ def test_cuda_oom_message_makes_the_cell_infeasible_not_failed(tmp_path, monkeyp
     monkeypatch.delenv("INFSCALE_SIM_FAIL")
     again = {o.cell_id: o.status for o in run_cells(campaign, planned, tmp_path)}
     assert again[target] == "skipped"  # recorded as infeasible: never retried
+
+
+def test_bench_says_how_many_cells_it_measured_and_reused(tmp_path):
+    config = small_campaign(tmp_path, models=["llama-3.1-8b"], layouts=["dp1"])
+    root = tmp_path / "results"
+    job = next(iter(load_campaign_jobs(config, root)))
+    first = infscale("bench", str(config), "--results-root", str(root), "--job", job)
+    assert first.returncode == 0, first.stderr
+    assert f"{job}: all 2 cells on disk: 2 measured now, 0 reused from earlier runs" in first.stdout
+    next((root / "cli" / "cells").glob("*o256*.parquet")).unlink()
+    second = infscale("bench", str(config), "--results-root", str(root), "--job", job)
+    assert f"{job}: all 2 cells on disk: 1 measured now, 1 reused from earlier runs" in second.stdout
+
+
+def load_campaign_jobs(config: Path, root: Path) -> list[str]:
+    from infscale.pipeline import CampaignRun
+
+    return list(CampaignRun(config, root, "auto").jobs())

@@ -82,8 +82,8 @@ def test_each_kind_of_file_is_told_apart(measured, tmp_path: Path) -> None:
     future = tmp_path / "future" / path.name
     future.parent.mkdir()
     table = pq.read_table(cell_file(results, second.id))
-    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, META_VERSION: b"2.0"}), future)
-    with pytest.raises(SchemaVersionError, match="schema version 2.0"):
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, META_VERSION: b"3.0"}), future)
+    with pytest.raises(SchemaVersionError, match="schema version 3.0"):
         state(future)
 
 

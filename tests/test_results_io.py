@@ -323,11 +323,11 @@ def _parquet_with_metadata(path: Path, metadata: dict[bytes, bytes] | None) -> P
 
 
 def test_read_metadata_rejects_a_newer_major_version(tmp_path):
-    path = _parquet_with_metadata(tmp_path / "future.parquet", {META_VERSION: b"2.0"})
+    path = _parquet_with_metadata(tmp_path / "future.parquet", {META_VERSION: b"3.0"})
     with pytest.raises(SchemaVersionError) as caught:
         read_metadata(path)
     message = str(caught.value)
-    assert "2.0" in message and SCHEMA_VERSION in message and "future.parquet" in message
+    assert "3.0" in message and SCHEMA_VERSION in message and "future.parquet" in message
     assert "release" in message   # says what to do
 
 

@@ -36,14 +36,19 @@ def swept(tmp_path_factory) -> Path:
     return _run(tmp_path_factory.mktemp("swept"), {"pp_microbatches": [1, 0], "max_num_seqs": [16, 128]})
 
 
+def _layout_lines(summary: str) -> list[str]:
+    """The rows of the per-model table (`| GPUs | layout | …`)."""
+    return [line for line in summary.splitlines() if line.startswith("| 4 | dp1")]
+
+
 def _rows(summary: str) -> list[str]:
-    return [line.split(" |")[0].removeprefix("| ") for line in summary.splitlines() if line.startswith("| dp1")]
+    return [line.split(" | ")[1] for line in _layout_lines(summary)]
 
 
 def test_the_summary_gives_each_variant_its_row(swept):
-    lines = [line for line in (swept / "summary.md").read_text().splitlines() if line.startswith("| dp1")]
+    lines = _layout_lines((swept / "summary.md").read_text())
     assert _rows("\n".join(lines)) == SWEPT
-    assert all(line.count("|") == 6 and "—" not in line for line in lines)  # every row has all 4 OSL columns
+    assert all(line.count("|") == 7 and "—" not in line for line in lines)  # every row has all 4 OSL columns
 
 
 def test_capacity_fits_and_figure_lines_are_per_variant(swept):

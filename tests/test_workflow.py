@@ -42,9 +42,9 @@ def snakemake(workdir: Path, config_file: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def cell_files(workdir: Path) -> dict[str, tuple[str, int]]:
-    """cell id -> (sha256 of the file, mtime in ns)"""
-    folder = workdir / "results" / "incr" / "cells"
+def cell_files(workdir: Path, folder: Path | None = None) -> dict[str, tuple[str, int]]:
+    """cell id -> (sha256 of the file, mtime in ns) in cells/ (or `folder`)"""
+    folder = folder or workdir / "results" / "incr" / "cells"
     return {
         p.name.removesuffix(".parquet"): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
         for p in folder.glob("*.parquet")
@@ -82,16 +82,31 @@ def test_incremental_reruns(tmp_path: Path) -> None:
     assert {k: third[k] for k in first} == first  # nothing measured before was rewritten
     assert merged(tmp_path).height == 8
 
-    # 4. a knob of workload b changes: only b's 2 cells are measured again (under new ids)
+    # 4. a knob of workload b changes: only b's 2 cells are measured again (under new ids); the old b cells move to
+    # superseded/ unchanged, each with its reason, so cells/ holds exactly the plan's 8 cells
     config_file.write_text(yaml.safe_dump(campaign([256, 512, 1024], {"max_num_seqs": 8})))
     snakemake(tmp_path, config_file)
     fourth = cell_files(tmp_path)
     new = set(fourth) - set(third)
     assert len(new) == 2 and all(".i256-o256." in cell for cell in new)
-    assert {k: fourth[k] for k in third} == third  # old b cells kept on disk, untouched
+    old_b = set(third) - set(fourth)
+    assert len(old_b) == 2 and len(fourth) == 8
+    assert {k: fourth[k] for k in third if k not in old_b} == {k: third[k] for k in third if k not in old_b}
+    superseded = tmp_path / "results" / "incr" / "superseded"
+    assert {k: cell_files(tmp_path, superseded)[k] for k in old_b} == {k: third[k] for k in old_b}  # untouched
+    for cell in old_b:
+        reason = (superseded / f"{cell}.parquet.reason").read_text()
+        assert "engine.max_num_seqs: 256 → 8" in reason and "superseded by the planned cell" in reason
     table = merged(tmp_path)
     assert table.height == 8  # exactly the plan's cells: the superseded b cells are not in the merge
     assert set(table.filter(pl.col("workload") == "b")["max_num_seqs"]) == {8}
+
+    # 5. the knob changes back: the superseded cells return to cells/ (not measured again), the others leave
+    config_file.write_text(yaml.safe_dump(campaign([256, 512, 1024])))
+    result = snakemake(tmp_path, config_file)
+    assert cell_files(tmp_path) == third
+    assert "moved back from superseded/" in result.stderr
+    assert set(cell_files(tmp_path, superseded)) == new and not list(superseded.glob(f"{min(old_b)}*"))
 
 
 def test_merge_reads_only_planned_cells(tmp_path: Path) -> None:

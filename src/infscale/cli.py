@@ -273,6 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     settings = load_launcher_settings(args.launcher, str(args.launcher or "launcher"))
     check_against_cluster(settings, str(args.launcher))
+    reused = _cells_on_disk(run, args.job)  # measured by earlier runs: the job skips them
     try:
         drive_job(run, args.job, settings, log=lambda line: print(line, flush=True))
     except (JobFailed, LockHeld) as err:
@@ -280,8 +281,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 1  # no job summary: the job is not complete and Snakemake will run it again
     outcomes = job_outcomes(run.jobs()[args.job], run.results_dir)
     write_job_summary(run.job_summary(args.job), args.job, outcomes)
-    print(f"{args.job}: all {len(outcomes)} cells on disk")
+    print(f"{args.job}: all {len(outcomes)} cells on disk: {len(outcomes) - len(reused)} measured now, "
+          f"{len(reused)} reused from earlier runs")
     return 0
+
+
+def _cells_on_disk(run, job: str) -> set[str]:
+    from infscale.results.integrity import VALID, check_cell_file
+    from infscale.results.io import cell_file
+
+    return {p.cell.id for p in run.jobs()[job]
+            if check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash, p.cell.spec_json).state == VALID}
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -404,12 +414,12 @@ def _warn_file_problems(frame, summary_file: Path) -> bool:
 
 def _read_merged(run):  # -> polars.DataFrame | None
     """The merged cells the analysis commands start from; None (and why, on stderr) before the first merge."""
-    import polars as pl
+    from infscale.results.tables import read_cells
 
     if not run.merged_file.exists():
         print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
         return None
-    return pl.read_parquet(run.merged_file)
+    return read_cells(run.merged_file)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -773,9 +783,8 @@ AE_COMMANDS = {"bundle": cmd_ae_bundle, "verify": cmd_ae_verify, "regenerate": c
 def cmd_recommend(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import polars as pl
-
     from infscale.analysis.recommend import budget_campaign, recommend, why
+    from infscale.results.tables import read_cells
 
     if args.gpus < 1:
         print(f"--gpus: {args.gpus} is not a GPU count (1 or more)", file=sys.stderr)
@@ -790,7 +799,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             campaign, _ = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
             raise SpecError([f"infscale recommend: --profile: {err}"]) from None
-    measured = pl.read_parquet(args.measured) if args.measured else None
+    measured = read_cells(args.measured) if args.measured else None
     options = recommend(campaign, args.ttft_p99_ms, args.tpot_p99_ms, measured)
     reason = why(options, args.osl)
     if args.json:

@@ -108,13 +108,15 @@ class CampaignRun:
 
     def check_cells(self, repair: bool = False):  # -> results.integrity.CellCheck
         """Check every feasible cell's file and the bench jobs' summaries (results/integrity.py). The Snakefile
-        runs this with `repair` before building the DAG: a damaged file is moved to damaged/, and a job whose
-        summary lists a cell no longer intact loses that summary, so Snakemake runs the job again."""
+        runs this with `repair` before building the DAG: a damaged file is moved to damaged/, a job whose summary
+        lists a cell no longer intact loses that summary, so Snakemake runs the job again, a file of a cell no
+        longer planned goes to superseded/, and a planned cell's file found there comes back to cells/."""
         from infscale.results.integrity import check_cells
 
         expected = {item.cell.id: (item.cell.spec_hash, item.cell.spec_json)
                     for items in self.jobs().values() for item in items}
-        return check_cells(self.results_dir, expected, [self.job_summary(job) for job in self.jobs()], repair)
+        planned = {item.cell.id: item.cell.spec_json for item in self.planned} if repair else None
+        return check_cells(self.results_dir, expected, [self.job_summary(job) for job in self.jobs()], repair, planned)
 
     def job_signature(self, job: str) -> str:
         """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""

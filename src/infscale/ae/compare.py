@@ -17,6 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
+from infscale.results.tables import read_cells
+
 # Relative tolerance per metric (|new − ref| / |ref|). Throughput and the median token latency of a rerun on the
 # same hardware repeat within a few per cent (results/reference/gpu-node/PROVENANCE.md: 6 of 7 cells within
 # 0.8 %, one 6 % off); TTFT depends on when each request's prefill is scheduled and moves more.
@@ -27,7 +29,7 @@ DEFAULT_TOLERANCES: dict[str, float] = {
     "ttft_ms_p50": 0.25,
 }
 TOLERANCES_NAME = "tolerances.json"
-SHAPE_KEYS = ("model", "weight_dtype", "kv_dtype", "layout", "workload", "isl", "osl", "arrival")
+SHAPE_KEYS = ("model", "weight_dtype", "kv_dtype", "layout", "workload", "isl_label", "osl_label", "arrival")
 
 
 class CompareError(ValueError):
@@ -63,7 +65,7 @@ def load_side(path: Path) -> Side:
                            "directory after `infscale merge`")
     claims_file = results_dir / "claims.parquet"
     claims = pl.read_parquet(claims_file) if claims_file.is_file() else None
-    return Side(str(path), results_dir, pl.read_parquet(merged), claims, tolerances)
+    return Side(str(path), results_dir, read_cells(merged), claims, tolerances)
 
 
 def read_tolerances(path: Path) -> dict[str, float]:

@@ -49,9 +49,11 @@ def _major(version: str) -> int:
         raise BundleError(f"unreadable version '{version}'") from None
 
 
-def read_manifest(bundle: Path) -> dict:
-    """The manifest of a bundle directory, after checking that this infscale can read the bundle."""
-    from infscale.results.schemas import SCHEMA_VERSION
+def read_manifest(bundle: Path, same_schema: bool = False) -> dict:
+    """The manifest of a bundle directory, after checking that this infscale can read the bundle (its result
+    files' schema major among those it reads; with `same_schema`, the one it writes: regenerating tables that
+    must come out equal)."""
+    from infscale.results.schemas import READABLE_MAJORS, SCHEMA_VERSION
 
     path = Path(bundle) / MANIFEST_NAME
     if not Path(bundle).is_dir():
@@ -70,7 +72,12 @@ def read_manifest(bundle: Path) -> dict:
                           f"({MANIFEST_VERSION}); use the infscale release that wrote the bundle "
                           f"({manifest.get('infscale_version', 'unknown')})")
     schema = str(manifest.get("results_schema_version", ""))
-    if schema and _major(schema) != _major(SCHEMA_VERSION):
+    if schema and same_schema and str(_major(schema)) in READABLE_MAJORS and _major(schema) != _major(SCHEMA_VERSION):
+        raise BundleError(f"{path}: the bundle's tables were written under results schema {schema}; this infscale "
+                          f"writes schema {SCHEMA_VERSION}, so its regenerated tables cannot equal them: regenerate "
+                          f"with the infscale release that wrote the bundle "
+                          f"({manifest.get('infscale_version', 'unknown')}); verify and compare read it as it is")
+    if schema and str(_major(schema)) not in READABLE_MAJORS:
         raise BundleError(f"{path}: the bundle's result files have schema version {schema}, which this infscale "
                           f"(results schema {SCHEMA_VERSION}) cannot read; use the infscale release that wrote "
                           f"the bundle ({manifest.get('infscale_version', 'unknown')})")

@@ -27,6 +27,7 @@ import polars as pl
 from infscale.ae.manifest import REGENERATED_DIR as REGENERATED
 from infscale.ae.manifest import BundleError, read_manifest
 from infscale.ae.tables import REL_TOL, compare_tables
+from infscale.results.tables import read_cells
 
 MARKER = ".infscale-regenerated"      # marks an --out directory as ours, so a second run may replace it
 TABLES = ("cells.parquet", "fits.parquet", "claims.parquet")     # ae.tables: floats within a relative tolerance
@@ -87,19 +88,19 @@ def _step_merge(run) -> None:
 def _step_fits(run) -> None:
     from infscale.pipeline import write_fits
 
-    write_fits(run, pl.read_parquet(run.merged_file))   # as `infscale fit`: from the merged table on disk
+    write_fits(run, read_cells(run.merged_file))   # as `infscale fit`: from the merged table on disk
 
 
 def _step_claims(run) -> None:
     from infscale.pipeline import write_claims
 
-    write_claims(run, pl.read_parquet(run.merged_file))
+    write_claims(run, read_cells(run.merged_file))
 
 
 def _step_figures(run) -> None:
     from infscale.pipeline import write_figures
 
-    write_figures(run, pl.read_parquet(run.merged_file))
+    write_figures(run, read_cells(run.merged_file))
 
 
 def _step_report(run) -> None:
@@ -155,7 +156,7 @@ def regenerate(bundle: Path, out: Path | None = None, rel_tol: float = REL_TOL) 
     from infscale.pipeline import CampaignRun
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, same_schema=True)
     bundled = bundle / str(manifest["results_dir"])
     config = bundle / str(manifest["campaign_file"])
     if not config.is_file() or not (bundled / "cells").is_dir():

@@ -119,7 +119,7 @@ def c2(merged: pl.DataFrame, ctx: dict) -> Verdict:
 
 def c3(merged: pl.DataFrame, ctx: dict) -> Verdict:
     title = "Heavy-tailed OSL: DP replicas unevenly loaded; least-loaded routing narrows the gap"
-    rows = _ok(merged).filter(pl.col("osl").str.starts_with("LN") & (pl.col("dp") > 1))
+    rows = _ok(merged).filter((pl.col("osl_dist") == "lognormal") & (pl.col("dp") > 1))
     if rows.is_empty() or rows.get_column("router").n_unique() < 2:
         return Verdict("C3", title, UNTESTABLE, "needs DP cells with a distributed (lognormal) OSL under both the "
                        "round_robin and least_loaded routers")

@@ -191,13 +191,13 @@ def _kind(rows: pl.DataFrame) -> str:
 
 def _workload_label(row: dict) -> str:
     arrival = "" if row["arrival"] in ("off", "offline") else f", {row['arrival']}"
-    return f"{row['workload']} {row['isl']}/{row['osl']}{arrival}"
+    return f"{row['workload']} {row['isl_label']}/{row['osl_label']}{arrival}"
 
 
 def _title(ax, series: str, row: dict, kind: str, gpus: bool = True, osl: bool = True) -> None:
     """Two lines: the model, then what the panel holds (GPU count, workload, measured or predicted)."""
     parts = [f"{int(row['gpus'])} GPUs"] if gpus else []
-    parts.append(_workload_label(row) if osl else f"{row['workload']} ISL {row['isl']}")
+    parts.append(_workload_label(row) if osl else f"{row['workload']} ISL {row['isl_label']}")
     ax.set_title(f"{series}\n{', '.join(parts)} ({kind})")
 
 
@@ -331,7 +331,7 @@ def _best_group(rows: pl.DataFrame, keys: list[str], score: Callable[[pl.DataFra
     return best
 
 
-WORKLOAD = ["weight_dtype", "workload", "isl", "osl", "arrival"]
+WORKLOAD = ["weight_dtype", "workload", "isl_label", "osl_label", "arrival"]
 
 
 # ------------------------------------------------------------------------------------------- the figures
@@ -410,7 +410,7 @@ def reasoning_cliff(ok: pl.DataFrame, **_) -> object:
     for series in ok.get_column("series").unique().sort().to_list():
         rows = ok.filter(pl.col("series") == series)
         rows = rows.filter(pl.col("gpus") == _node_gpus(rows))
-        group = _best_group(rows, ["weight_dtype", "workload", "isl", "arrival"],
+        group = _best_group(rows, ["weight_dtype", "workload", "isl_label", "arrival"],
                             lambda g: (g.get_column("osl_max").n_unique(), g.height))
         if group.get_column("osl_max").n_unique() >= 2:
             panels.append((series, group))

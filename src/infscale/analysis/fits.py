@@ -166,7 +166,7 @@ def fit_campaign(merged: pl.DataFrame, bootstrap: int = BOOTSTRAP, workers: int 
         pl.struct("dp", "tp", "pp").map_elements(lambda r: family(r["dp"], r["tp"], r["pp"]),
                                                  return_dtype=pl.String).alias("family"))
     tasks: list[tuple[dict[str, object], str, np.ndarray, np.ndarray]] = []
-    keys = ("model", "weight_dtype", "workload", "isl", "osl", "arrival")
+    keys = ("model", "weight_dtype", "workload", "isl_label", "osl_label", "arrival")
     for group, cells in ok.group_by(keys, maintain_order=True):
         base = dict(zip(keys, group))
         single = cells.filter(pl.col("gpus") == 1)
@@ -185,8 +185,8 @@ def fit_campaign(merged: pl.DataFrame, bootstrap: int = BOOTSTRAP, workers: int 
         model, dtype, workload, curve, arrival = group
         x = (cells.get_column("isl_max") + cells.get_column("osl_max")).to_numpy()
         y = cells.get_column("output_tok_s_per_gpu").to_numpy()
-        tasks.append(({"model": model, "weight_dtype": dtype, "workload": workload, "isl": None, "osl": None,
-                       "arrival": arrival, "family": curve, "x": "isl+osl", "y": "output_tok_s_per_gpu"},
+        tasks.append(({"model": model, "weight_dtype": dtype, "workload": workload, "isl_label": None,
+                       "osl_label": None, "arrival": arrival, "family": curve, "x": "isl+osl", "y": "output_tok_s_per_gpu"},
                       "capacity", x, y))
     workers = workers or min(8, os.cpu_count() or 1)
     args = [(law, x, y, bootstrap) for _, law, x, y in tasks]
@@ -219,7 +219,7 @@ def _flat(fit: dict[str, object]) -> dict[str, object]:
 def scaling_efficiency(merged: pl.DataFrame) -> pl.DataFrame:
     """E(N) = X(N) / (N · X(1)) per model × workload × layout, against the 1-GPU cell of the same workload."""
     ok = merged.filter(pl.col("status") == "ok")
-    keys = ["model", "weight_dtype", "workload", "isl", "osl", "arrival"]
+    keys = ["model", "weight_dtype", "workload", "isl_label", "osl_label", "arrival"]
     single = ok.filter(pl.col("gpus") == 1).select(*keys, pl.col("output_tok_s").alias("single_tok_s"))
     return (ok.join(single, on=keys, how="inner")
             .with_columns((pl.col("output_tok_s") / (pl.col("gpus") * pl.col("single_tok_s"))).alias("efficiency"))

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infscale.campaign.plan import PlannedCell
+from infscale.results.columns import upgrade_frame
 from infscale.results.integrity import check_cells
 from infscale.results.io import cell_file, failure_cell_id, write_table_atomic
 from infscale.results.schemas import SUMMARY_COLUMNS, SUMMARY_SCHEMA
@@ -29,7 +30,7 @@ def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: in
                 summaries: list[Path] = (), repair: bool = False) -> pl.DataFrame:
     results_dir = Path(results_dir)
     check = check_cells(results_dir, {p.cell.id: (p.cell.spec_hash, p.cell.spec_json) for p in planned if p.feasible},
-                        list(summaries), repair)
+                        list(summaries), repair, {p.cell.id: p.cell.spec_json for p in planned} if repair else None)
     on_disk = {p.cell.id: p.cell.spec_hash for p in planned if p.cell.id in check.valid}
     indexed = _rows_from_summaries(check.summaries, on_disk)
     covered = set(indexed.get_column("cell_id").to_list()) if indexed is not None else set()
@@ -54,13 +55,15 @@ def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: in
 
 
 def read_summary_rows(paths: list[str]) -> pl.DataFrame:
-    """The summary columns of result files; files of an older minor schema version (without the columns added
-    since) are read one by one and the missing columns are null."""
+    """The summary columns of result files; files of an older schema version (without the columns added since,
+    or schema 1.x with its length labels in isl/osl: upgraded, results/columns.py) are read one by one and the
+    missing columns are null."""
     try:
         return pl.read_parquet(paths, columns=SUMMARY_COLUMNS)
-    except pl.exceptions.ColumnNotFoundError:
+    except (pl.exceptions.ColumnNotFoundError, pl.exceptions.SchemaError):
         empty = pl.from_arrow(SUMMARY_SCHEMA.empty_table())
-        frames = [pl.read_parquet(path, columns=[c for c in SUMMARY_COLUMNS if c in pq.read_schema(path).names])
+        frames = [upgrade_frame(pl.read_parquet(path, columns=[c for c in SUMMARY_COLUMNS
+                                                               if c in pq.read_schema(path).names]))
                   for path in paths]
         return pl.concat([empty, *frames], how="diagonal_relaxed").select(SUMMARY_COLUMNS)
 

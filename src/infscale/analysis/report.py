@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from infscale.analysis.figures import FigureResult, read_manifest
 from infscale.results.io import write_text_atomic
 from infscale.results.schemas import MERGED_STATUSES
+from infscale.results.tables import read_cells
 
 # At most this many cell files are opened for their provenance; beyond it, the first and last cell of each bench job.
 PROVENANCE_ALL_UP_TO = 200
@@ -82,7 +83,7 @@ def write_report(run, out: Path | None = None) -> Path:  # run: infscale.pipelin
     claims and figures are shown where they exist, else the report says which command makes them)."""
     if not run.merged_file.exists():
         raise FileNotFoundError(f"{run.merged_file} does not exist yet; run `infscale merge` first")
-    cells = pl.read_parquet(run.merged_file)
+    cells = read_cells(run.merged_file)
     out = Path(out) if out else run.report_file
     text = report_html(
         campaign=run.campaign.name,
@@ -212,7 +213,7 @@ def _fits_section(fits: pl.DataFrame | None) -> list[str]:
     out.append("<p>" + html.escape(", ".join(f"{n} {law}" for law, n in sorted(laws.items())))
                + " fits; parameters with their bootstrap 95 % intervals where there were enough points.</p>")
     rows = []
-    ordered = fits.sort("law", "model", "weight_dtype", "workload", "isl", "osl", "family", nulls_last=True)
+    ordered = fits.sort("law", "model", "weight_dtype", "workload", "isl_label", "osl_label", "family", nulls_last=True)
     for row in ordered.iter_rows(named=True):
         params = []
         for slot in range(3):
@@ -222,7 +223,7 @@ def _fits_section(fits: pl.DataFrame | None) -> list[str]:
             low, high = row.get(f"p{slot}_low"), row.get(f"p{slot}_high")
             interval = f" [{_num(low)}, {_num(high)}]" if low is not None and low == low else ""
             params.append(f"{name} = {_num(row[f'p{slot}'])}{interval}")
-        workload = row["workload"] + (f" {row['isl']}/{row['osl']}" if row.get("isl") else "")
+        workload = row["workload"] + (f" {row['isl_label']}/{row['osl_label']}" if row.get("isl_label") else "")
         rows.append([row["law"], row["model"], row["weight_dtype"], workload, row["family"],
                      f"{row['y']} vs {row['x']}", row["points"], _num(row["r2"]), "; ".join(params)])
     table = _table(["law", "model", "weights", "workload", "family / layout", "fit", "points", "R²", "parameters"],

@@ -1,5 +1,6 @@
-"""The campaign summary (`summary.md`): status counts and, per model, output tokens/s per GPU by layout (cells of a
-swept engine knob told apart by it: analysis/variants.py)."""
+"""The campaign summary (`summary.md`): status counts, a legend, and per model one table of output tokens/s per GPU
+of every layout measured, grouped by GPU count (cells of a swept engine knob told apart by it:
+analysis/variants.py); for measured backends also every cell's throughput, latency and energy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ from infscale.analysis.variants import labelled, with_variant
 from infscale.results.schemas import FILE_PROBLEMS, MERGED_STATUSES
 
 OK = pl.col("status") == "ok"
+LEGEND = [
+    "How to read the tables: one per model, a row per layout measured, grouped by GPU count, a column per workload. "
+    "Values are output tokens/s per GPU (the layout's output throughput ÷ its GPUs), so layouts of one GPU count "
+    "(TP against DP against PP) compare along a group, and GPU counts against each other down the table; **bold** "
+    "is the best layout of its GPU count for that workload; — no ok cell (infeasible, failed or pending: "
+    "`cells.parquet` has the reason).",
+    "",
+    "- layout `dpXtpYppZ` (`epW`): X data-parallel replicas of Y-way tensor- and Z-way pipeline-parallel engines "
+    "(W-way expert parallelism); a weights dtype other than bf16 follows it, a swept engine knob in brackets;",
+    "- column `workload ISL/OSL arrival`: input and output lengths in tokens — a number is fixed, `LN6000s0.9c32768` "
+    "lognormal (median 6000, sigma 0.9, capped at 32768), `N4000s1000c8000` normal (mean, standard deviation, cap); "
+    "arrival `off` offline (every request at t = 0; TTFT includes the queueing), `c256` 256 requests kept in "
+    "flight (closed loop), `r4` Poisson arrivals at 4 requests/s;",
+    "- GPUs: the layout's GPU count, with its nodes where it spans more than one.",
+    "",
+]
 
 
 def summary_markdown(frame: pl.DataFrame, campaign: str, backend: str, hardware: str, gpus_per_node: int) -> str:
@@ -30,6 +47,7 @@ def summary_markdown(frame: pl.DataFrame, campaign: str, backend: str, hardware:
         lines += [f"- `{row['cell_id']}`: {row['status']}: {row['reason']}"
                   for row in problems.select("cell_id", "status", "reason").iter_rows(named=True)]
         lines.append("")
+    lines += LEGEND
     for model in frame.get_column("model").unique(maintain_order=True).to_list():
         rows = frame.filter((pl.col("model") == model) & OK)
         if rows.is_empty():
@@ -38,17 +56,14 @@ def summary_markdown(frame: pl.DataFrame, campaign: str, backend: str, hardware:
             title = "no feasible cell" if set(cells.get_column("status")) <= {"infeasible"} else "no cell measured"
             lines += [f"## {model}: {title}", "", f"- {reasons[0] if reasons else 'no cells'}", ""]
             continue
-        gpu_counts = sorted(set(rows.get_column("gpus").to_list()))
-        within_node = [g for g in gpu_counts if g <= gpus_per_node]
-        gpus = max(within_node) if within_node else max(gpu_counts)
-        lines += _model_table(rows.filter(pl.col("gpus") == gpus), model, gpus)
+        lines += _model_table(rows, model, gpus_per_node)
     if backend != "sim":
         lines += _measured_table(frame.filter(OK))
     return "\n".join(lines).rstrip() + "\n"
 
 
 MEASURED_COLUMNS = [  # (column, header, format)
-    ("model", "model", "{}"), ("layout", "layout", "{}"), ("isl", "ISL", "{}"), ("osl", "OSL", "{}"),
+    ("model", "model", "{}"), ("layout", "layout", "{}"), ("isl_label", "ISL", "{}"), ("osl_label", "OSL", "{}"),
     ("output_tok_s", "tok/s", "{:,.0f}"), ("output_tok_s_per_gpu", "tok/s/GPU", "{:,.0f}"),
     ("tpot_ms_p50", "TPOT p50 ms", "{:.2f}"), ("tpot_ms_p99", "TPOT p99 ms", "{:.2f}"),
     ("mean_running_batch", "mean batch", "{:.1f}"), ("mean_kv_occupancy", "KV occ.", "{:.0%}"),
@@ -72,28 +87,34 @@ def _measured_table(rows: pl.DataFrame) -> list[str]:
     return lines
 
 
-def _model_table(rows: pl.DataFrame, model: str, gpus: int) -> list[str]:
+def _model_table(rows: pl.DataFrame, model: str, gpus_per_node: int) -> list[str]:
+    """Every measured layout of a model, grouped by GPU count (rows) against every workload (columns); the best
+    layout of each GPU count per workload in bold, where that GPU count has two or more."""
     rows = rows.with_columns(
-        (pl.col("workload") + " " + pl.col("isl") + "/" + pl.col("osl") + " " + pl.col("arrival")).alias("column"),
+        (pl.col("workload") + " " + pl.col("isl_label") + "/" + pl.col("osl_label") + " "
+         + pl.col("arrival")).alias("column"),
         (pl.col("layout") + pl.col("weight_dtype").map_elements(lambda d: "" if d == "bf16" else f" {d}",
                                                                   return_dtype=pl.String)).alias("row"),
     )
     rows = with_variant(rows).with_columns(labelled("row").alias("row"))
     columns = rows.get_column("column").unique(maintain_order=True).to_list()
-    best = {c: rows.filter(pl.col("column") == c).get_column("output_tok_s_per_gpu").max() for c in columns}
-    header = f"| layout ({gpus} GPUs) | " + " | ".join(columns) + " |"
-    lines = [f"## {model}: output tokens/s per GPU (best in bold)", "", header,
-             "|" + "---|" * (len(columns) + 1)]
-    for row_name in rows.get_column("row").unique(maintain_order=True).to_list():
+    best = rows.group_by("gpus", "column").agg(pl.col("output_tok_s_per_gpu").max().alias("best"),
+                                                pl.len().alias("layouts"))
+    best = {(g, c): value for g, c, value, n in best.iter_rows() if n > 1}
+    values = {(r["row"], r["column"]): r["output_tok_s_per_gpu"] for r in rows.iter_rows(named=True)}
+    lines = [f"## {model}: output tokens/s per GPU, by GPU count (best of each GPU count in bold)", "",
+             "| GPUs | layout | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    order = rows.select("gpus", "row").unique(maintain_order=True).sort("gpus", maintain_order=True)
+    for gpus, row_name in order.iter_rows():
         cells = []
         for column in columns:
-            match = rows.filter((pl.col("row") == row_name) & (pl.col("column") == column))
-            if match.is_empty():
+            value = values.get((row_name, column))
+            if value is None:
                 cells.append("—")
                 continue
-            value = match.get_column("output_tok_s_per_gpu")[0]
             text = f"{value:,.0f}"
-            cells.append(f"**{text}**" if value == best[column] else text)
-        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+            cells.append(f"**{text}**" if value == best.get((gpus, column)) else text)
+        nodes = -(-gpus // gpus_per_node)
+        lines.append(f"| {gpus}{f' ({nodes} nodes)' if nodes > 1 else ''} | {row_name} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines

@@ -8,7 +8,8 @@ import polars as pl
 
 VARIANT_FIELDS = ("kv_dtype", "max_num_seqs", "max_num_tokens", "kv_memory_fraction", "kv_block_size", "router",
                   "pp_microbatches", "requests", "seed")
-CELL_KEYS = ["model", "weight_dtype", "layout", "workload", "isl", "osl", "arrival"]  # one cell, but for variants
+# one cell, but for variants
+CELL_KEYS = ["model", "weight_dtype", "layout", "workload", "isl_label", "osl_label", "arrival"]
 
 
 def with_variant(rows: pl.DataFrame, keys: list[str] | None = None) -> pl.DataFrame:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, EngineKnobs, LengthDist, Precision
+from infscale.results.columns import arrival_columns, length_columns
 
 
 class Cell(BaseModel):
@@ -87,8 +88,9 @@ class Cell(BaseModel):
             "backend": self.backend, "weight_dtype": self.precision.weights, "kv_dtype": self.precision.kv,
             "layout": str(layout), "dp": self.dp, "tp": self.tp, "pp": self.pp, "ep": self.ep,
             "gpus": layout.gpus, "nodes": layout.nodes(gpus_per_node), "workload": self.workload,
-            "isl": self.isl.label, "osl": self.osl.label, "isl_max": self.isl.max_length,
-            "osl_max": self.osl.max_length, "requests": self.requests, "arrival": self.arrival.label,
+            **length_columns("isl", self.isl.model_dump(), self.isl.label),
+            **length_columns("osl", self.osl.model_dump(), self.osl.label),
+            "requests": self.requests, "arrival": self.arrival.label, **arrival_columns(self.arrival.model_dump()),
             "max_num_seqs": self.engine.max_num_seqs, "max_num_tokens": self.engine.max_num_tokens,
             "kv_memory_fraction": self.engine.kv_memory_fraction, "kv_block_size": self.engine.kv_block_size,
             "router": self.engine.router, "seed": self.seed, "cell_json": self.spec_json,

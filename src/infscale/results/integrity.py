@@ -12,6 +12,13 @@ A planned cell without a file is **missing** when it was measured before (its be
 `logs/measured.log` lists it; it is measured again), **damaged** while its damaged file waits in `damaged/` to be
 measured again, and otherwise simply not measured yet (the merge tells pending from failed).
 
+A file in `cells/` that is no planned cell's (the plan changed: an engine knob, a workload, a layout, a cell the plan
+now rules infeasible) is **superseded**: with `repair` it is moved to `superseded/<name>` with a `.reason` file
+saying what changed (the planned cell of the same model, layout and workload whose spec differs, and how), and a
+line in `logs/cell-check.log`. So `cells/` holds exactly the plan's measured cells, and a glob of it counts each
+once. Nothing is deleted: when the plan has that cell again (the knob changed back), the file is moved back to
+`cells/` and not measured again.
+
 A bench job's summary (`bench/<job>.parquet`, the bench rule's output: an index over its cell files) that lists a
 cell which is not valid any more is stale: with `repair` it is removed, so that Snakemake runs that bench job
 again, which measures what is missing. The check reads each file's footer only (a few microseconds when the
@@ -36,6 +43,7 @@ VALID, ABSENT = "valid", "absent"
 MISSING, DAMAGED, MISNAMED = FILE_PROBLEMS     # also the merged table's statuses of such cells
 MAGIC = b"PAR1"
 DAMAGED_DIR = "damaged"
+SUPERSEDED_DIR = "superseded"
 CHECK_LOG = Path("logs") / "cell-check.log"
 
 
@@ -151,6 +159,9 @@ class CellCheck:
     damaged: dict[str, str] = field(default_factory=dict)        # cell id -> reason (its file is in damaged/)
     misnamed: dict[str, str] = field(default_factory=dict)       # cell id -> what its file holds (refused)
     moved: list[Path] = field(default_factory=list)              # damaged files this check moved aside
+    superseded: list[Path] = field(default_factory=list)         # files of cells not in the plan, moved to
+                                                                 #     superseded/ (with repair)
+    restored: list[str] = field(default_factory=list)            # planned cells moved back from superseded/
     summaries: list[Path] = field(default_factory=list)          # job summaries that can be used
     stale_summaries: list[Path] = field(default_factory=list)    # … that list a cell no longer valid (removed
                                                                  #     with repair, so the job runs again)
@@ -180,6 +191,10 @@ class CellCheck:
                 for cell_id, reason in self.damaged.items()]
         out += [f"cell {cell_id}: REFUSED: {holds}; move that file away to measure the cell"
                 for cell_id, holds in self.misnamed.items()]
+        out += [f"cell file {path.name}: not a cell of the plan; moved to {SUPERSEDED_DIR}/ (why: its .reason file)"
+                for path in self.superseded]
+        out += [f"cell {cell_id}: in the plan again; its file moved back from {SUPERSEDED_DIR}/ (not measured again)"
+                for cell_id in self.restored]
         out += [f"bench job summary {path}: lists a cell no longer intact"
                 + ("; removed, so that its job runs again" if self.repaired else "")
                 for path in self.stale_summaries]
@@ -187,15 +202,21 @@ class CellCheck:
 
 
 def check_cells(results_dir: Path, expected: dict[str, tuple[str, str]], summaries: list[Path] = (),
-                repair: bool = False) -> CellCheck:
+                repair: bool = False, planned: dict[str, str] | None = None) -> CellCheck:
     """Check the files of the `expected` cells (id -> (spec hash, spec JSON)) and the bench-job `summaries`.
-    With `repair`, damaged files are moved aside and stale summaries removed (see the module doc)."""
+    With `repair`, damaged files are moved aside and stale summaries removed; given `planned` (the spec JSON of
+    every planned cell, feasible or not), files of cells not in the plan are moved to superseded/ and planned cells
+    found there are moved back (see the module doc)."""
     results_dir = Path(results_dir)
     check = CellCheck(repaired=repair)
     absent = []
     for cell_id, (spec_hash, spec_json) in expected.items():
         path = cell_file(results_dir, cell_id)
         found = check_cell_file(path, spec_hash, spec_json)
+        if found.state == ABSENT and repair and planned is not None and _restore(results_dir, cell_id, spec_hash,
+                                                                                  spec_json):
+            check.restored.append(cell_id)
+            found = FileCheck(VALID)
         if found.state == VALID:
             check.valid.add(cell_id)
         elif found.state == ABSENT:
@@ -230,6 +251,8 @@ def check_cells(results_dir: Path, expected: dict[str, tuple[str, str]], summari
             check.stale_summaries.append(path)
         else:
             check.summaries.append(path)
+    if repair and planned is not None:
+        check.superseded = supersede_strays(results_dir, planned, set(expected))
     if repair:
         for cell_id in check.missing:
             log_check(results_dir, f"missing\t{cell_id}\tmeasured before, the file is gone; to be measured again")
@@ -238,6 +261,94 @@ def check_cells(results_dir: Path, expected: dict[str, tuple[str, str]], summari
         for path in check.stale_summaries:
             Path(path).unlink(missing_ok=True)  # an index over the cell files, rewritten by the bench job
     return check
+
+
+def supersede_strays(results_dir: Path, planned: dict[str, str], runnable: set[str]) -> list[Path]:
+    """Move every `cells/*.parquet` that is not a `runnable` (planned, feasible) cell's to `superseded/`, with a
+    `.reason` file and a line in `logs/cell-check.log`; `planned` (id -> spec JSON of every planned cell) says
+    what changed. Returns the files' new paths."""
+    folder = Path(results_dir) / "cells"
+    if not folder.is_dir():
+        return []
+    strays = sorted(p for p in folder.glob("*.parquet") if p.name.removesuffix(".parquet") not in runnable)
+    moved = []
+    for path in strays:
+        reason = _superseded_reason(path, planned)
+        target = _free_name(Path(results_dir) / SUPERSEDED_DIR, path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            continue  # another process moved it
+        note = (f"{reason}\nmoved from cells/ on {socket.gethostname()} at {_utc_stamp()}; moved back to cells/ (and "
+                "not measured again) when the plan has this cell again\n")
+        write_text_atomic(target.with_name(target.name + ".reason"), note)
+        log_check(results_dir, f"superseded\t{path.name}\t{reason}\tmoved to {target}")
+        moved.append(target)
+    return moved
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/<stem>.<UTC stamp>.parquet` when that is taken (never over another file)."""
+    target = folder / name
+    return target if not target.exists() else folder / f"{name.removesuffix('.parquet')}.{_utc_stamp()}.parquet"
+
+
+def _superseded_reason(path: Path, planned: dict[str, str]) -> str:
+    """Why a file in cells/ is no planned cell's: the planned cell that took its place and the spec fields that
+    differ, the plan's infeasible verdict, or that the plan has no such cell."""
+    import json
+
+    cell_id = path.name.removesuffix(".parquet")
+    if cell_id in planned:
+        return "the plan rules this cell infeasible now (it is not run)"
+    try:
+        recorded = json.loads((pq.read_schema(path).metadata or {}).get(b"infscale.cell", b"") or b"null")
+    except (OSError, ValueError, pa.ArrowException) as err:
+        return f"not a cell of the plan; its recorded cell cannot be read ({_first_line(err)})"
+    stem = cell_id.rsplit(".", 1)[0]  # the id without its spec hash: model, precision, layout, lengths, arrival
+    successors = [other for other in planned if other.rsplit(".", 1)[0] == stem]
+    if not successors or not isinstance(recorded, dict):
+        return ("not a cell of the plan: no planned cell has its model, precision, layout, lengths and arrival "
+                "(the campaign file no longer asks for it)")
+    changes = []
+    for other in successors:
+        now = json.loads(planned[other])
+        differences = [f"{key}: {_short(old)} → {_short(new)}" for key, old, new in _differences(recorded, now)]
+        changes.append(f"{other} ({'; '.join(differences) or 'the same spec, written differently'})")
+    return "superseded by the planned cell " + " and ".join(changes)
+
+
+def _differences(old: object, new: object, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _short(value: object) -> str:
+    return "unset" if value is None else str(value)
+
+
+def _restore(results_dir: Path, cell_id: str, spec_hash: str, spec_json: str) -> bool:
+    """Move a planned cell's file back from superseded/ (the plan has it again); True when one was."""
+    folder = Path(results_dir) / SUPERSEDED_DIR
+    if not folder.is_dir():
+        return False
+    name = f"{cell_id}.parquet"
+    for candidate in [folder / name, *sorted(folder.glob(f"{cell_id}.*.parquet"))]:
+        if candidate.is_file() and check_cell_file(candidate, spec_hash, spec_json).state == VALID:
+            try:
+                os.link(candidate, cell_file(results_dir, cell_id))  # never over a file measured meanwhile
+            except FileExistsError:
+                return False
+            os.unlink(candidate)
+            Path(f"{candidate}.reason").unlink(missing_ok=True)
+            log_check(results_dir, f"restored\t{cell_id}\tin the plan again; moved back from {candidate}")
+            return True
+    return False
 
 
 def _summary_cell_ids(path: Path) -> set[str] | None:

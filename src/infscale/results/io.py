@@ -13,8 +13,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from infscale.results.columns import upgrade_row
 from infscale.results.schemas import (
     CELL_SCHEMA,
+    READABLE_MAJORS,
     REQUEST_STRUCT,
     SCHEMA_VERSION,
     SERIES_STRUCT,
@@ -180,7 +182,7 @@ def check_schema_version(version: str, source: object) -> None:
     if not version:
         raise SchemaVersionError(f"{source}: not an infscale result file (no schema version)")
     major = version.split(".")[0]
-    if major != SCHEMA_VERSION.split(".")[0]:
+    if major not in READABLE_MAJORS:
         raise SchemaVersionError(
             f"{source}: schema version {version} cannot be read by this infscale (schema {SCHEMA_VERSION}); "
             "use the infscale release that wrote it"
@@ -188,8 +190,12 @@ def check_schema_version(version: str, source: object) -> None:
 
 
 def read_summary(path: Path) -> dict[str, Any]:
-    """The summary row; columns added by a later minor schema version read as None from older files."""
+    """The summary row in the current schema: a 1.x file's row is upgraded (results/columns.py), columns added
+    since the file was written read as None."""
     with pq.ParquetFile(path) as parquet:  # one footer decode for the schema and the columns (most of the cost)
-        present = set(parquet.schema_arrow.names)
-        row = parquet.read(columns=[c for c in SUMMARY_COLUMNS if c in present]).to_pylist()[0]
+        present = parquet.schema_arrow.names
+        wanted = [c for c in SUMMARY_COLUMNS if c in present]
+        if "isl_label" not in present:  # schema 1.x: the labels are in isl/osl
+            wanted += [c for c in ("isl", "osl", "cell_json") if c in present and c not in wanted]
+        row = upgrade_row(parquet.read(columns=wanted).to_pylist()[0])
     return {column: row.get(column) for column in SUMMARY_COLUMNS}

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: GPU telemetry columns and the `telemetry` list (1.0 files read with them null)
+# 1.1: GPU telemetry columns and the `telemetry` list (1.0 files read with them null).
+# 2.0: typed workload columns: `isl`/`osl` are whole tokens (were labels), the labels move to `isl_label`/
+#      `osl_label`, a length distribution has its own columns, the arrival its mode, concurrency and rate
+#      (results/columns.py; docs/results.md). 1.x files are read and upgraded to 2.0 rows (results/columns.py).
+SCHEMA_VERSION = "2.0"
+READABLE_MAJORS = ("1", "2")   # schema majors this infscale reads (older ones upgraded on reading)
 STATUSES = ("ok", "infeasible", "failed", "cancelled", "pending")
 # The merged table's status of a planned cell whose file is gone though measured, unreadable, or holds another
 # cell (results/integrity.py); never written into a cell file.
@@ -32,12 +37,23 @@ IDENTITY_FIELDS: list[pa.Field] = [
     pa.field("gpus", pa.int32()),
     pa.field("nodes", pa.int32()),
     pa.field("workload", pa.string()),
-    pa.field("isl", pa.string()),          # a length label: '1024', or 'LN6000s0.9c32768' for a distribution
-    pa.field("osl", pa.string()),
-    pa.field("isl_max", pa.int64()),
-    pa.field("osl_max", pa.int64()),
+    # request lengths in tokens (results/columns.py): the fixed length, or the distribution's mean as drawn
+    *(field for prefix in ("isl", "osl") for field in (
+        pa.field(prefix, pa.int64()),
+        pa.field(f"{prefix}_label", pa.string()),      # the cell id's label: '1024', 'LN6000s0.9c32768'
+        pa.field(f"{prefix}_dist", pa.string()),       # fixed | normal | lognormal
+        pa.field(f"{prefix}_median", pa.float64()),    # before clipping: the fixed value, a normal's mean, a
+                                                       # lognormal's median
+        pa.field(f"{prefix}_sigma", pa.float64()),     # lognormal: sigma of the log length
+        pa.field(f"{prefix}_std", pa.float64()),       # normal: standard deviation (tokens)
+        pa.field(f"{prefix}_min", pa.int64()),         # the shortest length drawn
+        pa.field(f"{prefix}_max", pa.int64()),         # the longest: the fixed value or the cap
+    )),
     pa.field("requests", pa.int64()),
-    pa.field("arrival", pa.string()),      # 'off', 'c256', 'r4'
+    pa.field("arrival", pa.string()),      # label: 'off', 'c256', 'r4'
+    pa.field("arrival_mode", pa.string()),  # offline | concurrency | poisson
+    pa.field("concurrency", pa.int64()),   # concurrency mode: requests in flight
+    pa.field("rate", pa.float64()),        # poisson mode: requests per second
     pa.field("max_num_seqs", pa.int64()),
     pa.field("max_num_tokens", pa.int64()),
     pa.field("kv_memory_fraction", pa.float64()),
