@@ -290,8 +290,10 @@ def _cells_on_disk(run, job: str) -> set[str]:
     from infscale.results.integrity import VALID, check_cell_file
     from infscale.results.io import cell_file
 
-    return {p.cell.id for p in run.jobs()[job]
-            if check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash, p.cell.spec_json).state == VALID}
+    cells = run.jobs()[job]
+    return {p.cell.id for p in cells
+            if check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash,
+                               p.cell.spec_json).state == VALID}
 
 
 def cmd_engine(args: argparse.Namespace) -> int:

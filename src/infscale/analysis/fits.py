@@ -186,7 +186,8 @@ def fit_campaign(merged: pl.DataFrame, bootstrap: int = BOOTSTRAP, workers: int 
         x = (cells.get_column("isl_max") + cells.get_column("osl_max")).to_numpy()
         y = cells.get_column("output_tok_s_per_gpu").to_numpy()
         tasks.append(({"model": model, "weight_dtype": dtype, "workload": workload, "isl_label": None,
-                       "osl_label": None, "arrival": arrival, "family": curve, "x": "isl+osl", "y": "output_tok_s_per_gpu"},
+                       "osl_label": None, "arrival": arrival, "family": curve, "x": "isl+osl",
+                       "y": "output_tok_s_per_gpu"},
                       "capacity", x, y))
     workers = workers or min(8, os.cpu_count() or 1)
     args = [(law, x, y, bootstrap) for _, law, x, y in tasks]
