@@ -16,8 +16,9 @@ from infscale.analysis.figures import read_manifest, read_validation, render_fig
 from infscale.cli import main
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "gpu-node"
-ALL = ["throughput_vs_gpus", "reasoning_cliff", "kv_capacity", "best_layout", "latency", "energy",
-       "predicted_vs_measured"]
+ALL = ["pareto", "throughput_vs_gpus", "scaling_efficiency", "reasoning_cliff", "kv_capacity", "best_layout",
+       "latency", "energy", "predicted_vs_measured"]
+SCALING = ["throughput_vs_gpus", "scaling_efficiency"]
 
 
 def digests(folder) -> dict[str, str]:
@@ -35,7 +36,7 @@ def test_sim_campaign_figures_through_the_cli(sim_results) -> None:
     folder = results_root / "figs" / "figures"
     drawn = by_name(read_manifest(folder))
     assert list(drawn) == ALL
-    for name in ALL[:5]:
+    for name in ALL[:7]:
         assert drawn[name].skipped is None, name
         assert drawn[name].png.read_bytes().startswith(b"\x89PNG") and drawn[name].png.stat().st_size > 10_000
         assert b"<svg" in drawn[name].svg.read_bytes()
@@ -61,8 +62,9 @@ def test_reference_figures_with_validation(tmp_path) -> None:
     results = by_name(render_figures(cells, copy / "figures", fits=pl.read_parquet(copy / "fits.parquet"),
                                      validation=validation, title="gpu-node"))
     if cells.filter(pl.col("status") == "ok").get_column("gpus").n_unique() == 1:
-        assert "two or more GPU counts" in results["throughput_vs_gpus"].skipped
-    for name in ALL[1:]:
+        for name in SCALING:
+            assert "two or more GPU counts" in results[name].skipped
+    for name in set(ALL) - set(SCALING):
         assert results[name].skipped is None, (name, results[name].skipped)
     assert digests(REFERENCE) == before  # the committed figures and report are not touched
 
@@ -125,3 +127,125 @@ def test_a_figure_skipped_later_leaves_no_stale_file(tmp_path) -> None:
                                                ("dp1tp8pp1ep8", "tp8ep8"), ("dp2tp2pp1", "dp2tp2")])
 def test_short_layout_names(layout: str, short: str) -> None:
     assert short_layout(layout) == short
+
+
+# ------------------------------------------------------------------------------------------- what a reader sees
+
+
+def drawn_figures(cells: pl.DataFrame, **kwargs) -> dict[str, object]:
+    """Every figure the data allows, as matplotlib figures with their titles and ticks settled."""
+    import matplotlib
+
+    data = figures.prepare_data(cells, **kwargs)
+    out = {}
+    with matplotlib.rc_context(figures.RC):
+        for name, *_ in figures.FIGURES:
+            try:
+                out[name] = figures.draw_figure(name, data, "a campaign title")
+            except figures.Skip:
+                continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def sim_figures(sim_results) -> dict[str, object]:
+    from infscale.results.tables import read_cells
+
+    config, results = sim_results
+    return drawn_figures(read_cells(results / "figs"), fits=pl.read_parquet(results / "figs" / "fits.parquet"))
+
+
+@pytest.fixture(scope="module")
+def reference_figures() -> dict[str, object]:
+    from infscale.results.tables import read_cells
+
+    return drawn_figures(read_cells(REFERENCE), validation=read_validation(sorted(REFERENCE.glob("validation*.parquet"))))
+
+
+def test_pareto_frontier_and_scaling_figures(sim_figures) -> None:
+    assert {"pareto", *SCALING} <= set(sim_figures)
+    pareto = sim_figures["pareto"]
+    panels = [ax for ax in pareto.axes if ax.get_visible()]
+    assert panels and all("tok/s per user" in ax.get_xlabel() for ax in panels)
+    for ax in panels:
+        labels = [t.get_text() for t in ax.texts]  # the frontier's points: layout and arrival
+        assert labels and all(label.endswith(" off") for label in labels)
+        frontier = [line for line in ax.lines if line.get_color() == "#333333"][0]
+        x, y = frontier.get_data()
+        assert list(x) == sorted(x) and list(y) == sorted(y, reverse=True)  # faster per user, less per GPU
+    # the ideal line in every scaling panel, the efficiency axis on the per-GPU one
+    for name in SCALING:
+        panels = [ax for ax in sim_figures[name].axes if ax.get_visible() and ax.get_title()]
+        assert panels and all(any(line.get_linestyle() == ":" for line in ax.lines) for ax in panels)
+    assert any("efficiency vs 1 GPU" in child.get_ylabel() for ax in sim_figures["scaling_efficiency"].axes
+               for child in ax.child_axes)
+    assert all(ax.get_yscale() == "log" for ax in sim_figures["throughput_vs_gpus"].axes if ax.get_title())
+
+
+def test_one_style_per_layout_in_every_figure(sim_figures, reference_figures) -> None:
+    for drawn in (sim_figures, reference_figures):
+        styles: dict[str, tuple] = {}
+        for name in ("pareto", "reasoning_cliff", "latency"):
+            legend = drawn[name].legends[0]
+            for handle, text in zip(legend.legend_handles, legend.get_texts()):
+                label = text.get_text()
+                if handle.get_marker() in (None, "None", "", "_") or label.startswith(("measured", "predicted")):
+                    continue
+                style = (handle.get_color(), handle.get_marker())
+                assert styles.setdefault(label, style) == style, (name, label)  # the same in every figure
+        assert len(styles) >= 3 and len(set(styles.values())) == len(styles)  # never shared by two layouts
+
+
+def test_every_panel_names_its_workload_and_ticks_are_plain(sim_figures, reference_figures) -> None:
+    for drawn, workloads in ((sim_figures, ("reasoning", "prefill-heavy")), (reference_figures, ("reasoning",))):
+        for name, figure in drawn.items():
+            titled = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
+            if name in ("pareto", *SCALING, "reasoning_cliff", "latency", "energy"):
+                assert titled and all(any(w in ax.get_title() for w in workloads) for ax in titled), name
+            for ax in figure.axes:
+                for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+                    text = label.get_text()
+                    assert "e+" not in text and "$" not in text, (name, text)  # no 1e+06, no mathtext
+            log_axes = [axis for ax in figure.axes if ax.get_visible()
+                        for axis in (ax.xaxis, ax.yaxis) if axis.get_scale() == "log"]
+            assert all(len(axis.get_majorticklocs()) >= 2 for axis in log_axes), name
+
+
+def test_long_times_in_seconds(sim_results) -> None:
+    from infscale.results.tables import read_cells
+
+    assert figures.time_unit([12.0, 9_999.0]) == (1.0, "ms") and figures.time_unit([5.0, 1.2e6]) == (1e-3, "s")
+    config, results = sim_results
+    cells = read_cells(results / "figs")
+    for factor, unit in ((1, "ms"), (1000, "s")):  # offline TTFTs of up to 1e6 ms: seconds
+        slow = cells.with_columns(pl.col("ttft_ms_p50") * factor, pl.col("ttft_ms_p99") * factor)
+        latency = drawn_figures(slow)["latency"]
+        labels = [ax.get_ylabel() for ax in latency.axes if ax.get_visible()]
+        assert f"TTFT ({unit})" in labels and "TPOT (ms)" in labels
+        ticks = [t.get_text() for ax in latency.axes for t in ax.get_yticklabels()]
+        assert ticks and not any("e+" in t for t in ticks)
+
+
+def test_nothing_is_cut_off(sim_figures, reference_figures, tmp_path) -> None:
+    """Every artist's bounding box lies inside what the files hold, at the size the report shows them (its PNG at
+    the figures' DPI); a legend wider than the figure grows the file instead of being cut."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    def check(figure, name: str) -> None:
+        png, _ = figures._save(figure, tmp_path, name)
+        box = figures.saved_box(figure)
+        width, height = Image.open(png).size
+        saved = box if box is not None else type(figure.bbox_inches).from_bounds(0, 0, *figure.get_size_inches())
+        assert (width, height) == pytest.approx((saved.width * figures.DPI, saved.height * figures.DPI), abs=2)
+        tight = figure.get_tightbbox()
+        assert saved.x0 <= tight.x0 and saved.y0 <= tight.y0 and tight.x1 <= saved.x1 and tight.y1 <= saved.y1, name
+
+    for drawn in (sim_figures, reference_figures):
+        for name, figure in drawn.items():
+            check(figure, name)
+    wide = Figure(figsize=(2, 2))
+    wide.add_subplot().plot([1, 2], [1, 2], label="a legend entry far wider than its two-inch figure")
+    wide.legend(loc="lower center", ncols=1)
+    check(wide, "wide")
+    assert Image.open(tmp_path / "wide.png").size[0] > 2 * figures.DPI

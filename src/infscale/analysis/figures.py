@@ -1,17 +1,24 @@
 """The figures of a campaign (`results/<campaign>/figures/`): PNG and SVG of each, drawn from the merged cells.
 
-- `throughput_vs_gpus`: output tokens/s against the GPU count per strategy family, per model, with the family's
-  USL fit dashed (from `fits` when given, else fitted here exactly as fits.py does);
+- `pareto`: output tokens/s per GPU against tokens/s per user (1/TPOT) for every layout and arrival, a panel per
+  model and workload, with the Pareto frontier drawn and its points labelled;
+- `throughput_vs_gpus` (log–log) and `scaling_efficiency` (tokens/s per GPU, and the scaling efficiency on the
+  right axis): per strategy family, its best layout at each GPU count against the ideal (dotted), a panel per model
+  and workload; the USL fit dashed on the first (from `fits` when given, else fitted here as fits.py does);
 - `reasoning_cliff`: output tokens/s per GPU against the output length per layout, per model;
 - `kv_capacity`: KV-cache capacity per replica and the layout's maximum concurrency, model × layout tables;
 - `best_layout`: the best layout at each model's single-node GPU count, over model size × workload;
-- `latency`: TTFT and TPOT, p50 and p99, per layout, per model;
+- `latency`: TTFT and TPOT, p50 to p99, per layout, per model (times in ms, or s from 10 s up);
 - `energy`: energy per output token per layout and output length (measured backends only);
 - `predicted_vs_measured`: the sim's predictions against measured cells (from `infscale validate`'s tables).
 
 A figure whose data is missing is not drawn; its `FigureResult.skipped` says why. Points from predicted rows (the
-`sim` backend) are drawn hollow, measured ones filled, and each panel says which it shows. Per-model panels compare
-the layouts of the model's largest single-node GPU count (as summary.md does).
+`sim` backend) are drawn hollow, measured ones filled, and each panel says which it shows and names its workload.
+Every layout has one colour and marker in every figure of a campaign (`layout_styles`), every strategy family one
+style (`family_style`). Log axes carry plain labels (1, 2, 5 × 10^k within two decades). The files hold the
+figure grown to the bounding box of every artist (`saved_box`), so no legend or title is cut off. Per-model panels
+of reasoning_cliff, kv_capacity, best_layout, latency and energy compare the layouts of the model's largest
+single-node GPU count; the summary lists every GPU count.
 
 The files are deterministic (the artifact evaluation regenerates and compares them byte for byte): fixed size,
 DPI, fonts and SVG id salt, no dates or software versions in the metadata, every input sorted.
@@ -30,10 +37,13 @@ import numpy as np
 import polars as pl
 
 from infscale.analysis.variants import labelled, with_variant
+from infscale.results.columns import upgrade_frame
 from infscale.results.io import write_bytes_atomic, write_text_atomic
 
 DPI = 100
 PANEL = (3.0, 2.1)           # inches per panel (the axes alone)
+SMALL_PANEL = (2.4, 1.7)     # … in the model × workload grids
+GRID_WORKLOADS = 4           # workload columns of a grid at most (spread over the campaign's workloads)
 MANIFEST = "figures.json"
 # Okabe & Ito's colour-blind-safe palette, yellow last (weak on white paper); markers tell series apart in grey
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
@@ -80,11 +90,8 @@ def render_figures(cells: pl.DataFrame, out_dir: Path, *, fits: pl.DataFrame | N
     (which prediction they hold, e.g. the hardware profile); `model_params`: total parameters per model (for the
     best-layout map's order; else the catalog's, else the weights' size)."""
     out_dir = Path(out_dir)
-    prepared = _prepare(cells)
-    data = {"ok": prepared.filter(pl.col("status") == "ok"), "fits": fits, "validation": validation,
-            "model_params": model_params,
-            # the plan's capacity columns hold for every feasible cell, measured yet or not
-            "planned": prepared.filter((pl.col("status") != "infeasible") & (pl.col("kv_capacity_tokens") > 0))}
+    # the plan's capacity columns hold for every feasible cell, measured yet or not ("planned")
+    data = prepare_data(cells, fits=fits, validation=validation, model_params=model_params)
     results = [_render_one(name, data, title, out_dir) for name, *_ in FIGURES]
     manifest = {"title": title, "figures": [r.manifest_entry() for r in results]}
     write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
@@ -94,20 +101,40 @@ def render_figures(cells: pl.DataFrame, out_dir: Path, *, fits: pl.DataFrame | N
 def _render_one(name: str, data: dict[str, object], title: str, out_dir: Path) -> FigureResult:
     import matplotlib
 
-    _, headline, caption, draw = next(entry for entry in FIGURES if entry[0] == name)
+    caption = next(entry[2] for entry in FIGURES if entry[0] == name)
     with matplotlib.rc_context(RC):
         try:
-            if data["ok"].is_empty() and name not in ("kv_capacity", "predicted_vs_measured"):
-                raise Skip("no cell has been measured or predicted yet (no row with status ok)")
-            figure = draw(**data)
+            figure = draw_figure(name, data, title)
         except Skip as why:
             _remove(out_dir, name)  # a figure drawn from older data must not outlive it
             return FigureResult(name, caption, skipped=str(why))
-        if figure.get_layout_engine() is None:  # fixed margins (_grid) leave the top 0.75 in to the title
-            figure.suptitle(f"{title}\n{headline}", fontsize=10, y=1 - 0.08 / figure.get_figheight(), va="top")
-        else:
-            figure.suptitle(f"{title}\n{headline}", fontsize=10)
         return FigureResult(name, caption, *_save(figure, out_dir, name))
+
+
+def prepare_data(cells: pl.DataFrame, *, fits: pl.DataFrame | None = None, validation: pl.DataFrame | None = None,
+                 model_params: dict[str, float] | None = None) -> dict[str, object]:
+    """What the figure functions take (as `render_figures` gives it to them): the ok cells, the planned ones, the
+    layout styles, fits, validation and model sizes."""
+    prepared = _prepare(cells)
+    return {"ok": prepared.filter(pl.col("status") == "ok"), "fits": fits, "validation": validation,
+            "model_params": model_params, "styles": layout_styles(prepared),
+            "planned": prepared.filter((pl.col("status") != "infeasible") & (pl.col("kv_capacity_tokens") > 0))}
+
+
+def draw_figure(name: str, data: dict[str, object], title: str):  # -> matplotlib.figure.Figure
+    """One figure with its title, log-axis ticks settled (call inside `matplotlib.rc_context(RC)`); raises Skip."""
+    _, headline, _, draw = next(entry for entry in FIGURES if entry[0] == name)
+    if data["ok"].is_empty() and name not in ("kv_capacity", "predicted_vs_measured"):
+        raise Skip("no cell has been measured or predicted yet (no row with status ok)")
+    figure = draw(**data)
+    heading = f"{title}\n{headline}" + (f"\n{figure.infscale_note}" if getattr(figure, "infscale_note", None) else "")
+    if figure.get_layout_engine() is None:  # fixed margins (_grid) leave the top 0.75 in to the title
+        figure.suptitle(heading, fontsize=10, y=1 - 0.08 / figure.get_figheight(), va="top")
+    else:
+        figure.suptitle(heading, fontsize=10)
+    for ax in figure.axes:
+        _decade_ticks(ax)
+    return figure
 
 
 def read_manifest(out_dir: Path) -> list[FigureResult] | None:
@@ -137,7 +164,7 @@ def _prepare(cells: pl.DataFrame) -> pl.DataFrame:
     """The cells, sorted, with a `series` label (model, plus the weights' dtype when a model has several), a
     `predicted_point` flag (the `predicted` column; a null there counts as predicted for the sim backend), the
     compact layout name and the strategy family. Callers pick the statuses they draw."""
-    ok = cells
+    ok = upgrade_frame(cells)  # a merged table of schema 1.x: typed lengths (results/columns.py)
     if ok.is_empty():
         return ok
     dtypes = ok.group_by("model").agg(pl.col("weight_dtype").n_unique().alias("dtypes"))
@@ -202,8 +229,25 @@ def _title(ax, series: str, row: dict, kind: str, gpus: bool = True, osl: bool =
 
 
 def _style(index: int) -> dict[str, object]:
-    return {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)],
+    """The index-th of 64 distinct colour × marker pairs (then the line style changes too)."""
+    return {"color": PALETTE[index % len(PALETTE)],
+            "marker": MARKERS[(index + index // len(PALETTE)) % len(MARKERS)],
             "linestyle": LINESTYLES[(index // len(PALETTE)) % len(LINESTYLES)]}
+
+
+def layout_styles(cells: pl.DataFrame) -> dict[str, dict[str, object]]:
+    """The one layout → colour, marker and line style mapping that every figure of a campaign uses: each layout
+    (engine variants apart) gets its own colour × marker pair, in the order GPU count, TP, PP, EP."""
+    if cells.is_empty():
+        return {}
+    order = (cells.select("short", "gpus", "tp", "pp", "ep").unique("short")
+             .sort("gpus", "tp", "pp", "ep", "short").get_column("short").to_list())
+    return {label: _style(index) for index, label in enumerate(order)}
+
+
+def family_style(family: str) -> dict[str, object]:
+    """Strategy families keep one style in every figure (their place in FAMILIES)."""
+    return _style(FAMILIES.index(family) if family in FAMILIES else len(FAMILIES) + sum(map(ord, family)) % 8)
 
 
 def _points(ax, x, y, predicted, style: dict[str, object], size: float = 5.0) -> None:
@@ -215,20 +259,20 @@ def _points(ax, x, y, predicted, style: dict[str, object], size: float = 5.0) ->
                     markerfacecolor=face, markeredgecolor=style["color"])
 
 
-def _line(ax, x, y, predicted, style: dict[str, object]) -> None:
+def _line(ax, x, y, predicted, style: dict[str, object], markersize: float = 5) -> None:
     predicted = np.asarray(predicted, dtype=bool)
     if predicted.all() or not predicted.any():  # one artist for line and markers: the usual case, and cheaper
         ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], linewidth=1.2, marker=style["marker"],
-                markersize=5, markerfacecolor="none" if predicted.all() else style["color"])
+                markersize=markersize, markerfacecolor="none" if predicted.all() else style["color"])
         return
     ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], linewidth=1.2)
-    _points(ax, x, y, predicted, style)
+    _points(ax, x, y, predicted, style, markersize)
 
 
-def _legend_handles(labels: list[str], styles: dict[str, dict], kinds: set[str]) -> list:
+def _legend_handles(labels: list[str], styles: dict[str, dict], kinds: set[str], lines: bool = True) -> list:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=styles[label]["color"], linestyle=styles[label]["linestyle"],
+    handles = [Line2D([], [], color=styles[label]["color"], linestyle=styles[label]["linestyle"] if lines else "none",
                       marker=styles[label]["marker"], markersize=5, label=label) for label in labels]
     return handles + _kind_handles(kinds)
 
@@ -245,17 +289,18 @@ def _kind_handles(kinds: set[str]) -> list:
     return handles
 
 
-def _grid(panels: int, columns: int, legend_rows: int = 0, rotated_ticks: bool = False, title_lines: int = 2):
+def _grid(panels: int, columns: int, legend_rows: int = 0, rotated_ticks: bool = False, title_lines: int = 2,
+          panel: tuple[float, float] = PANEL, right_axis: float = 0.0, header_lines: int = 2):
     """`panels` axes of a fixed size in rows of `columns`, with fixed margins in inches (matplotlib's constrained
     layout would measure every label again and double the drawing time)."""
     from matplotlib.figure import Figure
 
     columns = max(1, min(columns, panels))
     rows = math.ceil(panels / columns)
-    width, height = PANEL
-    left, right, wspace = 0.85, 0.2, 0.85             # y tick labels and label
+    width, height = panel
+    left, right, wspace = 0.85, 0.2 + right_axis, 0.85 + right_axis   # y tick labels and label (each side)
     titles = 0.2 * title_lines + 0.05                 # the panels' titles
-    top = 0.75 + titles                               # the figure's two-line title above them
+    top = 0.75 + 0.2 * (header_lines - 2) + titles    # the figure's title (two lines: campaign, figure) above
     below = 0.55 + (0.45 if rotated_ticks else 0.0)   # x tick labels and label
     hspace = below + titles + 0.05
     bottom = below + 0.15 + 0.2 * legend_rows
@@ -296,9 +341,45 @@ def _log(ax, axis: str = "y", base: float = 10) -> None:
 
     getattr(ax, f"set_{axis}scale")("log", base=base)
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(FuncFormatter(lambda value, _: _count(value) if base == 2 else f"{value:,.6g}"))
+    target.set_major_formatter(FuncFormatter(lambda value, _: _count(value) if base == 2 else _plain(value)))
     target.set_minor_locator(NullLocator())  # minor ticks cost time and say little here
     target.set_minor_formatter(NullFormatter())
+
+
+def _plain(value: float) -> str:
+    """Tick labels without exponents: 0.05, 2.5, 1,000, 1,000,000 (one style on every axis)."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 1:
+        return f"{value:,.0f}" if abs(value - round(value)) < 1e-9 * abs(value) else f"{value:,.3g}"
+    return f"{value:.3g}"
+
+
+def _decade_ticks(ax) -> None:
+    """Major ticks of a base-10 log axis: at 1, 2, 5 × 10^k (or every 10^k where that would crowd it, every
+    second or third decade beyond six), at evenly spaced round numbers within less than a decade that holds no
+    two of those: always two or more labelled ticks, never more than six."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+        if axis.get_scale() != "log" or getattr(axis.get_transform(), "base", 10) != 10:
+            continue
+        low, high = sorted(getattr(ax, f"get_{name}lim")())
+        if not (low > 0 and high > low):
+            continue
+        first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+        step = max(1, math.ceil((last - first) / 6))
+
+        def ticks(subs: tuple[float, ...]) -> list[float]:
+            return [m * 10.0**k for k in range(first, last + 1) if (k - first) % step == 0 for m in subs
+                    if low * (1 - 1e-9) <= m * 10.0**k <= high * (1 + 1e-9)]
+
+        chosen = ticks((1, 2, 5))
+        if len(chosen) > 6 or (step > 1 and len(ticks((1,))) >= 2):
+            chosen = ticks((1,))
+        if len(chosen) < 2:  # within less than a decade: round numbers, evenly spaced
+            chosen = [t for t in MaxNLocator(4, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high) if low <= t <= high]
+        axis.set_major_locator(FixedLocator(chosen))
 
 
 def _count(value: float) -> str:
@@ -306,14 +387,39 @@ def _count(value: float) -> str:
 
 
 def _save(figure, out_dir: Path, name: str) -> tuple[Path, Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
     png, svg = io.BytesIO(), io.BytesIO()
     # zlib level 1: a third of the default level's encoding time, files a little larger
-    figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
-    # a constrained layout is settled by the first drawing; freezing it spares the SVG a second pass
+    options = {"format": "png", "dpi": DPI, "metadata": {"Software": None}, "pil_kwargs": {"compress_level": 1}}
+    figure.savefig(png, **options)
+    # a constrained layout is settled by the first drawing; freezing it spares the later ones a second pass
     figure.set_layout_engine("none")
-    figure.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
+    box = saved_box(figure, canvas.get_renderer())
+    if box is not None:  # something reaches past the edge: draw the whole of it
+        png = io.BytesIO()
+        figure.savefig(png, bbox_inches=box, **options)
+    figure.savefig(svg, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches=box)
     return (write_bytes_atomic(out_dir / f"{name}.png", png.getvalue()),
             write_bytes_atomic(out_dir / f"{name}.svg", svg.getvalue()))
+
+
+def saved_box(figure, renderer=None):  # -> matplotlib.transforms.Bbox (inches) | None
+    """None when every artist lies inside the figure; else the figure grown to the bounding box of them all, with
+    a small margin, for the files to hold (a legend or title wider than the panels is never cut off). `renderer`:
+    the one of a drawing of the figure (its text layout is reused); else the figure is laid out first."""
+    from matplotlib.transforms import Bbox
+
+    if renderer is None:
+        figure.draw_without_rendering()
+    tight = figure.get_tightbbox(renderer)
+    width, height = figure.get_size_inches()
+    if tight.x0 >= 0 and tight.y0 >= 0 and tight.x1 <= width and tight.y1 <= height:
+        return None
+    margin = 0.05
+    return Bbox.from_extents(min(0.0, tight.x0 - margin), min(0.0, tight.y0 - margin),
+                             max(width, tight.x1 + margin), max(height, tight.y1 + margin))
 
 
 def _remove(out_dir: Path, name: str) -> None:
@@ -337,48 +443,204 @@ WORKLOAD = ["weight_dtype", "workload", "isl_label", "osl_label", "arrival"]
 # ------------------------------------------------------------------------------------------- the figures
 
 
-def throughput_vs_gpus(ok: pl.DataFrame, fits: pl.DataFrame | None = None, **_) -> object:
-    if fits is not None and {"law", "x", "family", "model", *WORKLOAD} <= set(fits.columns):
+def _workload_key(row: dict) -> tuple:
+    return tuple(row[k] for k in WORKLOAD[1:])
+
+
+def _scaling_panels(ok: pl.DataFrame) -> tuple[list[str], list[tuple], dict[tuple, pl.DataFrame]]:
+    """Rows (series), columns (workloads, by name, ISL, OSL and arrival) and the cells of each (series, workload)
+    that has two or more GPU counts: the panels of the scaling figures."""
+    panels = {}
+    for (series, *workload), group in ok.group_by(["series", *WORKLOAD[1:]]):
+        if group.get_column("gpus").n_unique() >= 2:
+            panels[(series, tuple(workload))] = group
+    if not panels:
+        raise Skip("no model has cells of one workload at two or more GPU counts")
+    rows = sorted({series for series, _ in panels})
+    order = ok.select(*WORKLOAD[1:], "isl_max", "osl_max").unique().sort("workload", "isl_max", "osl_max",
+                                                                          "arrival")
+    columns = [key for key in order.select(WORKLOAD[1:]).unique(maintain_order=True).iter_rows()
+               if any((series, key) in panels for series in rows)]
+    return rows, columns, panels
+
+
+def _pick_columns(columns: list[tuple], label) -> tuple[list[tuple], str | None]:
+    """At most GRID_WORKLOADS workload columns, spread evenly over the sorted workloads (first and last kept):
+    a campaign of many workloads would otherwise draw hundreds of panels. The note names the ones left out."""
+    if len(columns) <= GRID_WORKLOADS:
+        return columns, None
+    picked = sorted({round(i * (len(columns) - 1) / (GRID_WORKLOADS - 1)) for i in range(GRID_WORKLOADS)})
+    shown = [columns[i] for i in picked]
+    left_out = [label(c) for c in columns if c not in shown]
+    return shown, (f"{len(shown)} of {len(columns)} workloads shown; not drawn: {', '.join(left_out)} "
+                   "(summary.md and cells.parquet have every one)")
+
+
+def _panel_matrix(rows: list[str], columns: list[tuple], present, legend_rows: int = 1, right_axis: float = 0.0,
+                  header_lines: int = 2):
+    """A grid of small panels, a row per series and a column per workload; the absent ones hidden."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _grid(len(rows) * len(columns), len(columns), legend_rows=legend_rows, panel=SMALL_PANEL,
+                         right_axis=right_axis, header_lines=header_lines)
+    for ax in axes:  # few ticks: they cost most of a small panel's drawing
+        ax.yaxis.set_major_locator(MaxNLocator(4))
+    grid = {}
+    for index, ax in enumerate(axes):
+        key = (rows[index // len(columns)], columns[index % len(columns)])
+        if key in present:
+            grid[key] = ax
+        else:
+            ax.set_visible(False)
+    return figure, grid
+
+
+def _family_best(group: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Per strategy family, its best cell at each GPU count (the pure families share the 1-GPU point, as in
+    fits.py): one line each."""
+    single = group.filter(pl.col("gpus") == 1)
+    families = sorted(set(group.get_column("family").to_list()) - {"single"},
+                      key=lambda f: (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f))
+    lines = {}
+    for fam in families:
+        points = group.filter(pl.col("family") == fam)
+        if "×" not in fam:
+            points = pl.concat([single, points])
+        lines[fam] = points.sort("output_tok_s", descending=True).unique("gpus", keep="first").sort("gpus")
+    return lines
+
+
+def _baseline(group: pl.DataFrame) -> dict:
+    """The reference of ideal scaling: the best cell at the panel's smallest GPU count."""
+    smallest = group.filter(pl.col("gpus") == group.get_column("gpus").min())
+    return smallest.sort("output_tok_s", descending=True).row(0, named=True)
+
+
+def _scaling_figure(ok: pl.DataFrame, fits: pl.DataFrame | None, metric: str) -> object:
+    """The scaling figures: `total` (tokens/s, log-log, ideal: linear in the GPU count) and `per_gpu` (tokens/s
+    per GPU, ideal: flat; on the right the scaling efficiency X(N) / (N/N0 · X(N0)), ideal 1)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    if metric == "total" and fits is not None and {"law", "x", "family", "model", *WORKLOAD} <= set(fits.columns):
         fits = fits.filter((pl.col("law") == "usl") & (pl.col("x") == "gpus"))
     else:
         fits = None
-    panels = []
-    for series in ok.get_column("series").unique().sort().to_list():
-        rows = ok.filter(pl.col("series") == series)
-        group = _best_group(rows, WORKLOAD, lambda g: (g.get_column("gpus").n_unique(), g.height,
-                                                       g.get_column("osl_max")[0]))
-        if group.get_column("gpus").n_unique() >= 2:
-            panels.append((series, group))
-    if not panels:
-        raise Skip("no model has cells of one workload at two or more GPU counts")
-    families = sorted({f for _, g in panels for f in g.get_column("family").unique().to_list()} - {"single"},
-                      key=lambda f: (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f))
-    styles = {f: _style(i + 1) for i, f in enumerate(families)}
-    figure, axes = _grid(len(panels), 4, legend_rows=1)
-    kinds, fitted = set(), False
-    for ax, (series, group) in zip(axes, panels):
-        single = group.filter(pl.col("gpus") == 1)
-        for fam in families:
-            points = group.filter(pl.col("family") == fam)
-            if points.is_empty():
-                continue
-            if "×" not in fam:  # the pure families share the 1-GPU point (as in fits.py)
-                points = pl.concat([single, points])
-            best = points.sort("output_tok_s", descending=True).unique("gpus", keep="first").sort("gpus")
-            _line(ax, best["gpus"], best["output_tok_s"], best["predicted_point"], styles[fam])
+    rows, columns, panels = _scaling_panels(ok)
+    columns, note = _pick_columns(columns, lambda c: _workload_label(dict(zip(WORKLOAD[1:], c))))
+    families = {f for key, group in panels.items() if key[1] in columns for f in group.get_column("family").unique()}
+    figure, grid = _panel_matrix(rows, columns, panels, right_axis=0.55 if metric == "per_gpu" else 0.0,
+                                 header_lines=3 if note else 2, legend_rows=math.ceil((len(families) + 4) / 8))
+    figure.infscale_note = note
+    first_column = {series: min((columns.index(w) for s_, w in grid if s_ == series)) for series in rows}
+    kinds, families, fitted = set(), set(), False  # families: those drawn (the 1-GPU "single" is in each)
+    for (series, workload), ax in grid.items():
+        group = panels[(series, workload)]
+        base = _baseline(group)
+        counts = sorted(set(group.get_column("gpus").to_list()))
+        n0, x0 = base["gpus"], base["output_tok_s"]
+        for fam, best in _family_best(group).items():
+            gpus, tok_s = best.get_column("gpus"), best.get_column("output_tok_s")
+            y = {"total": tok_s, "per_gpu": tok_s / gpus}[metric]
+            _line(ax, gpus, y, best["predicted_point"], family_style(fam), markersize=4)
+            families.add(fam)
             kinds.add(_kind(best))
-            fitted |= _usl_curve(ax, fits, group.row(0, named=True), fam, best, styles[fam])
-        _log2_axis(ax, group.get_column("gpus").to_list())
+            if metric == "total":
+                fitted |= _usl_curve(ax, fits, group.row(0, named=True), fam, best, family_style(fam))
+        ideal_x = np.array([counts[0], counts[-1]], dtype=float)
+        per_gpu0 = x0 / n0
+        ideal = {"total": x0 * ideal_x / n0, "per_gpu": np.full(2, per_gpu0)}[metric]
+        ax.plot(ideal_x, ideal, color="#555555", linewidth=0.9, linestyle=":", zorder=1)
+        _log2_axis(ax, counts)
+        if metric == "total":
+            _log(ax, "y")
+        else:  # the same curves as a scaling efficiency on the right: per-GPU throughput / the ideal's
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.15 * per_gpu0))
+            right = ax.secondary_yaxis("right", functions=(lambda v, k=per_gpu0: v / k, lambda e, k=per_gpu0: e * k))
+            right.set_ylabel(f"efficiency vs {n0} GPU{'s' if n0 > 1 else ''}", fontsize=7)
+            right.yaxis.set_major_locator(MaxNLocator(4))
         ax.set_xlabel("GPUs")
-        ax.set_ylabel("output throughput (tokens/s)")
-        _title(ax, series, group.row(0, named=True), _kind(group), gpus=False)
-    handles = _legend_handles(families, styles, kinds)
+        if columns.index(workload) == first_column[series]:
+            ax.set_ylabel({"total": "output tok/s", "per_gpu": "output tok/s per GPU"}[metric])
+        ax.set_title(f"{series}\n{_workload_label(group.row(0, named=True))} ({_kind(group)})", fontsize=8)
+    ordered = sorted(families, key=lambda f: (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f))
+    handles = _legend_handles(ordered, {f: family_style(f) for f in ordered}, kinds)
+    handles.append(Line2D([], [], color="#555555", linewidth=0.9, linestyle=":",
+                          label={"total": "ideal: linear in GPUs",
+                                 "per_gpu": "ideal: flat per GPU (efficiency 1)"}[metric]))
     if fitted:
-        from matplotlib.lines import Line2D
-
         handles.append(Line2D([], [], color="#555555", linewidth=0.8, linestyle=(0, (4, 2)), label="USL fit"))
     _legend(figure, handles, 8)
     return figure
+
+
+def throughput_vs_gpus(ok: pl.DataFrame, fits: pl.DataFrame | None = None, **_) -> object:
+    return _scaling_figure(ok, fits, "total")
+
+
+def scaling_efficiency(ok: pl.DataFrame, **_) -> object:
+    """The per-GPU variant: output tok/s per GPU (left) and the scaling efficiency it means (right)."""
+    return _scaling_figure(ok, None, "per_gpu")
+
+
+def pareto(ok: pl.DataFrame, styles: dict[str, dict] | None = None, **_) -> object:
+    """Output tok/s per GPU against tok/s per user (1000 / TPOT p50 in ms) for every layout and concurrency of a
+    model and workload, the frontier drawn through the points no other beats on both."""
+    rows_ok = ok.filter(pl.col("tpot_ms_p50").is_not_null() & (pl.col("tpot_ms_p50") > 0))
+    if rows_ok.is_empty():
+        raise Skip("no cell has a TPOT p50 (per-user speed)")
+    styles = styles or layout_styles(rows_ok)
+    keys = ["series", "workload", "isl_label", "osl_label"]  # arrivals (concurrencies) of a workload share a panel
+    panels = {}
+    for (series, *workload), group in rows_ok.group_by(keys):
+        panels[(series, tuple(workload))] = group.with_columns((1e3 / pl.col("tpot_ms_p50")).alias("user_tok_s"))
+    rows = sorted({series for series, _ in panels})
+    order = rows_ok.select("workload", "isl_label", "osl_label", "isl_max", "osl_max").unique().sort(
+        "workload", "isl_max", "osl_max")
+    columns = [key for key in order.select("workload", "isl_label", "osl_label").unique(maintain_order=True)
+               .iter_rows() if any((series, key) in panels for series in rows)]
+    columns, note = _pick_columns(columns, lambda c: f"{c[0]} {c[1]}/{c[2]}")
+    used = sorted({s for (series, key), group in panels.items() if key in columns
+                   for s in group.get_column("short").to_list()}, key=list(styles).index)
+    # room on the right for the frontier's labels
+    figure, grid = _panel_matrix(rows, columns, panels, legend_rows=math.ceil(len(used) / 8) + 1, right_axis=0.4,
+                                 header_lines=3 if note else 2)
+    figure.infscale_note = note
+    kinds = set()
+    for (series, workload), ax in grid.items():
+        group = panels[(series, workload)].sort("short", "arrival")
+        for (short,), points in group.group_by(["short"], maintain_order=True):
+            _points(ax, points["user_tok_s"], points["output_tok_s_per_gpu"], points["predicted_point"],
+                    styles[short], size=4.5)
+        front = _frontier(group)
+        ax.plot(front["user_tok_s"], front["output_tok_s_per_gpu"], color="#333333", linewidth=0.9, zorder=1)
+        for row in front.iter_rows(named=True):
+            ax.annotate(f"{row['short']} {row['arrival']}", (row["user_tok_s"], row["output_tok_s_per_gpu"]),
+                        xytext=(3, 3), textcoords="offset points", fontsize=6, color="#333333")
+        _log(ax, "x")
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.12)  # room for the labels above the highest point
+        ax.set_xlabel("tok/s per user (1000 / TPOT p50)")
+        ax.set_ylabel("output tok/s per GPU")
+        arrivals = ", ".join(sorted(group.get_column("arrival").unique().to_list()))
+        ax.set_title(f"{series}\n{workload[0]} {workload[1]}/{workload[2]}, {arrivals} ({_kind(group)})",
+                     fontsize=8)
+        kinds.add(_kind(group))
+    from matplotlib.lines import Line2D
+
+    handles = _legend_handles(used, styles, kinds, lines=False)
+    handles.append(Line2D([], [], color="#333333", linewidth=0.9, label="frontier (labelled: layout, arrival)"))
+    _legend(figure, handles, 8)
+    return figure
+
+
+def _frontier(group: pl.DataFrame) -> pl.DataFrame:
+    """The points no other point beats on both per-user speed and per-GPU throughput, by falling speed."""
+    front, best = [], -math.inf
+    for row in group.sort(["user_tok_s", "output_tok_s_per_gpu"], descending=[True, True]).iter_rows(named=True):
+        if row["output_tok_s_per_gpu"] > best:
+            front.append(row)
+            best = row["output_tok_s_per_gpu"]
+    return pl.DataFrame(front, schema=group.schema).sort("user_tok_s")
 
 
 def _usl_curve(ax, fits: pl.DataFrame | None, where: dict, fam: str, points: pl.DataFrame, style: dict) -> bool:
@@ -405,7 +667,7 @@ def _usl_curve(ax, fits: pl.DataFrame | None, where: dict, fam: str, points: pl.
     return True
 
 
-def reasoning_cliff(ok: pl.DataFrame, **_) -> object:
+def reasoning_cliff(ok: pl.DataFrame, styles: dict[str, dict] | None = None, **_) -> object:
     panels = []
     for series in ok.get_column("series").unique().sort().to_list():
         rows = ok.filter(pl.col("series") == series)
@@ -416,8 +678,8 @@ def reasoning_cliff(ok: pl.DataFrame, **_) -> object:
             panels.append((series, group))
     if not panels:
         raise Skip("no layout has cells at two or more output lengths (OSL) of one workload")
-    layouts = sorted({s for _, g in panels for s in g.get_column("short").unique().to_list()})
-    styles = {s: _style(i) for i, s in enumerate(layouts)}
+    styles = styles or layout_styles(ok)
+    layouts = sorted({s for _, g in panels for s in g.get_column("short").unique().to_list()}, key=list(styles).index)
     figure, axes = _grid(len(panels), 4, legend_rows=math.ceil(len(layouts) / 8))
     kinds = set()
     for ax, (series, group) in zip(axes, panels):
@@ -570,42 +832,54 @@ def _size_label(series: str, sizes: dict[str, float]) -> str:
     return series if not math.isfinite(size) else f"{series} ({size / 1e9:.0f}B)"
 
 
-def latency(ok: pl.DataFrame, **_) -> object:
+def latency(ok: pl.DataFrame, styles: dict[str, dict] | None = None, **_) -> object:
     metrics = ["ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"]
     rows = ok.filter(pl.all_horizontal([pl.col(m).is_not_null() for m in metrics]))
     if rows.is_empty():
         raise Skip("no cell has TTFT and TPOT percentiles")
+    styles = styles or layout_styles(rows)
     panels = []
     for series in rows.get_column("series").unique().sort().to_list():
         cells = rows.filter(pl.col("series") == series)
         cells = cells.filter(pl.col("gpus") == _node_gpus(cells))
         panels.append((series, _best_group(cells, WORKLOAD, lambda g: (g.height, g.get_column("osl_max")[0]))))
-    figure, axes = _grid(len(panels), 4, legend_rows=1, rotated_ticks=True)
-    kinds = set()
-    styles = {("ttft_ms", "p50"): {"color": PALETTE[0], "marker": "o"},
-              ("ttft_ms", "p99"): {"color": PALETTE[0], "marker": "^"},
-              ("tpot_ms", "p50"): {"color": PALETTE[3], "marker": "s"},
-              ("tpot_ms", "p99"): {"color": PALETTE[3], "marker": "v"}}
-    for ax, (series, group) in zip(axes, panels):
+    figure, axes = _grid(2 * len(panels), 4, legend_rows=1 + math.ceil(len(styles) / 8), rotated_ticks=True)
+    kinds, used = set(), set()
+    for index, (series, group) in enumerate(panels):
         group = group.sort("short")
         names = group.get_column("short").to_list()
+        used.update(names)
         x = np.arange(len(names))
-        for metric in ("ttft_ms", "tpot_ms"):  # one log axis holds both: TTFT is seconds, TPOT milliseconds
-            ax.vlines(x, group[f"{metric}_p50"], group[f"{metric}_p99"], color=styles[(metric, "p50")]["color"],
-                      linewidth=1)
-            for pct in ("p50", "p99"):
-                _points(ax, x, group[f"{metric}_{pct}"], group["predicted_point"], styles[(metric, pct)])
-        ax.set_xticks(x, names, rotation=45, ha="right")
-        _log(ax, "y")
-        ax.set_ylabel("latency (ms)")
-        _title(ax, series, group.row(0, named=True), _kind(group))
+        for ax, metric, label in ((axes[2 * index], "ttft_ms", "TTFT"), (axes[2 * index + 1], "tpot_ms", "TPOT")):
+            scale, unit = time_unit(group.get_column(f"{metric}_p99").to_numpy())
+            for i, name in enumerate(names):
+                style = styles[name]
+                p50, p99 = group[f"{metric}_p50"][i] * scale, group[f"{metric}_p99"][i] * scale
+                ax.vlines(i, p50, p99, color=style["color"], linewidth=1.2)
+                ax.plot(i, p99, marker="_", markersize=9, color=style["color"], linestyle="none")
+                _points(ax, [i], [p50], [group["predicted_point"][i]], style)
+            ax.set_xticks(x, names, rotation=45, ha="right")
+            ax.set_xlim(-0.6, len(names) - 0.4)
+            _log(ax, "y")
+            ax.set_ylabel(f"{label} ({unit})")
+            ax.set_title(f"{series}: {label}\n{int(group['gpus'][0])} GPUs, {_workload_label(group.row(0, named=True))}"
+                         f" ({_kind(group)})", fontsize=8)
         kinds.add(_kind(group))
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], linestyle="none", label=f"{metric[:4].upper()} {pct}", **style)
-               for (metric, pct), style in styles.items()] + _kind_handles(kinds)
-    _legend(figure, handles, 6)
+    ordered = sorted(used, key=list(styles).index)
+    handles = _legend_handles(ordered, styles, kinds, lines=False)
+    handles.append(Line2D([], [], color="#555555", marker="_", markersize=9, linestyle="-", label="bar: p50 (marker) "
+                          "to p99 (dash)"))
+    _legend(figure, handles, 8)
     return figure
+
+
+def time_unit(values_ms) -> tuple[float, str]:
+    """Milliseconds, or seconds when the largest value is 10 s or more: (factor from ms, unit)."""
+    finite = np.asarray(values_ms, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return (1e-3, "s") if finite.size and finite.max() >= 10_000 else (1.0, "ms")
 
 
 def energy(ok: pl.DataFrame, **_) -> object:
@@ -634,7 +908,9 @@ def energy(ok: pl.DataFrame, **_) -> object:
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_xlabel("layout")
         ax.set_ylabel("energy per output token (J)")
-        ax.set_title(f"{series}\n{gpus} GPUs ({_kind(cells)})")
+        workloads = ", ".join(f"{w} ISL {i}" for w, i in cells.select("workload", "isl_label").unique().sort(
+            "workload", "isl_label").iter_rows())
+        ax.set_title(f"{series}\n{gpus} GPUs, {workloads} ({_kind(cells)})", fontsize=8)
     from matplotlib.patches import Patch
 
     _legend(figure, [Patch(color=styles[o]["color"], label=f"OSL {_count(o)}") for o in osls], 8)
@@ -707,15 +983,25 @@ def predicted_vs_measured(ok: pl.DataFrame, validation: pl.DataFrame | None = No
     if not validation.get_column("in_medians").all():
         handles.append(Line2D([], [], color="#555555", marker="o", alpha=0.35, linestyle="none",
                               label="faded: not in the medians (validate's in_medians)"))
-    _legend(figure, handles, 6)
+    _legend(figure, handles, 3)
     return figure
 
 
 FIGURES: list[tuple[str, str, str, Callable]] = [  # name, headline, caption, draw
+    ("pareto", "Throughput per GPU vs speed per user (latency–throughput Pareto)",
+     "Output tokens/s per GPU against tokens/s per user (1000 / TPOT p50 in ms), one point per layout (every GPU "
+     "count) and arrival, a panel per model and workload; the line is the Pareto frontier (no other point is both "
+     "faster per user and higher per GPU), its points labelled by layout and arrival (off: offline, cN: N "
+     "requests in flight, rN: Poisson at N requests/s).", pareto),
     ("throughput_vs_gpus", "Throughput vs GPU count per strategy family",
-     "Output throughput against the GPU count, per strategy family (the family's best layout "
-     "at each count; USL fits dashed where fitted). One workload per model: the one with the most GPU counts.",
-     throughput_vs_gpus),
+     "Output throughput against the GPU count on log–log axes, per strategy family (the family's best layout at "
+     "each count), a panel per model and workload; dotted: ideal linear scaling from the panel's smallest GPU "
+     "count; USL fits dashed where fitted.", throughput_vs_gpus),
+    ("scaling_efficiency", "Throughput per GPU and scaling efficiency vs GPU count per strategy family",
+     "Output tokens/s per GPU (left axis) of each strategy family's best layout at each GPU count N, and the "
+     "scaling efficiency that is (right axis): X(N) / (N / N0 · X(N0)) against the best cell at the panel's "
+     "smallest GPU count N0, a panel per model and workload; dotted: the ideal, flat per GPU (efficiency 1).",
+     scaling_efficiency),
     ("reasoning_cliff", "Per-GPU throughput vs output length (the reasoning cliff)",
      "Output tokens/s per GPU against the output length (OSL), per layout at each model's "
      "single-node GPU count: the reasoning cliff, where the KV cache, not compute, caps the batch.", reasoning_cliff),
