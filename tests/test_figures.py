@@ -159,7 +159,8 @@ def sim_figures(sim_results) -> dict[str, object]:
 def reference_figures() -> dict[str, object]:
     from infscale.results.tables import read_cells
 
-    return drawn_figures(read_cells(REFERENCE), validation=read_validation(sorted(REFERENCE.glob("validation*.parquet"))))
+    validation = read_validation(sorted(REFERENCE.glob("validation*.parquet")))
+    return drawn_figures(read_cells(REFERENCE), validation=validation)
 
 
 def test_pareto_frontier_and_scaling_figures(sim_figures) -> None:
