@@ -41,11 +41,12 @@ def chromium() -> str:
     pytest.skip(reason)
 
 
-def load(browser: str, page: Path) -> tuple[str, list[str]]:
-    """The DOM after the page's load handlers ran, and the page's console messages (errors, CSP violations)."""
+def load(browser: str, page: Path, width: int = 800) -> tuple[str, list[str]]:
+    """The DOM after the page's load handlers ran (in a window `width` CSS pixels wide), and the page's console
+    messages (errors, CSP violations)."""
     result = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=10000",
-         "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()],
+         f"--window-size={width},1000", "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
@@ -88,8 +89,50 @@ def test_report_loads_cleanly_and_every_figure_renders(chromium, which, request)
     state = body(dom)
     assert state.get("checked") == "yes", "the report's check script did not run"
     assert console == [] and "errors" not in state
-    assert state["figures"] == state["figures-rendered"] == str(len(drawn)) and len(drawn) >= 5
+    assert state["figures"] == state["figures-rendered"] == str(len(drawn)) and len(drawn) >= 6
     assert re.findall(r'data-rendered="(\w+)"', dom) == ["yes"] * len(drawn)
+
+
+NEW_FIGURES = ("pareto", "throughput_vs_gpus", "scaling_efficiency")
+WIDTH = 1400  # CSS pixels: the report's width on a desktop screen
+
+
+def screenshot(browser: str, page: Path, out: Path, height: int) -> Path:
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+         "--virtual-time-budget=10000", f"--window-size={WIDTH},{height}", f"--screenshot={out}",
+         page.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and out.is_file(), result.stderr[-3000:]
+    return out
+
+
+def test_the_new_figures_are_on_the_screen(chromium, sim_report, tmp_path) -> None:
+    """A screenshot of the whole page (headless Chromium) shows the Pareto and scaling figures where the page
+    put them: each one's region of the screenshot is its PNG, as the browser scaled it."""
+    import numpy as np
+    from PIL import Image
+
+    dom, _ = load(chromium, sim_report, WIDTH)
+    state = body(dom)
+    boxes = dict(re.findall(r'data-figure="(\w+)"[^>]*data-box="([\d,]+)"', dom)) or \
+        {name: box for box, name in re.findall(r'data-box="([\d,]+)"[^>]*data-figure="(\w+)"', dom)}
+    assert set(NEW_FIGURES) <= set(boxes), boxes
+    shot = np.asarray(Image.open(screenshot(chromium, sim_report, tmp_path / "page.png",
+                                            int(state["height"]))).convert("RGB"), dtype=float)
+    for name in NEW_FIGURES:
+        left, top, width, height = map(int, boxes[name].split(","))
+        assert width > 600 and height > 200, (name, boxes[name])
+        region = shot[top:top + height, left:left + width]
+        png = Image.open(sim_report.parent / "figures" / f"{name}.png").convert("RGB")
+        expected = np.asarray(png.resize((region.shape[1], region.shape[0]), Image.Resampling.LANCZOS), dtype=float)
+        difference = np.abs(region - expected).mean()
+        assert difference < 8, (name, difference)  # the figure itself, not a blank or another image
+        assert region.std() > 20, name              # … and not an empty area
+    # the check is not vacuous: another figure's place holds something else
+    left, top, width, height = map(int, boxes["pareto"].split(","))
+    other = Image.open(sim_report.parent / "figures" / "latency.png").convert("RGB")
+    wrong = np.asarray(other.resize((width, height), Image.Resampling.LANCZOS), dtype=float)
+    assert np.abs(shot[top:top + height, left:left + width] - wrong).mean() > 8
 
 
 def test_a_broken_image_is_caught(chromium, sim_report, tmp_path) -> None:

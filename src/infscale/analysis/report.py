@@ -46,7 +46,8 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; white-space: pre-wr
 """
 
 # Runs on load: did every figure render? A broken data URI leaves naturalWidth at 0; an inline SVG without a box
-# has no size; script errors and failed loads are counted (data-errors). The results go into DOM attributes that
+# has no size; script errors and failed loads are counted (data-errors); each figure's place on the page
+# (data-box) and the page's height are noted for screenshots. The results go into DOM attributes that
 # `chromium --dump-dom` shows.
 CHECK_SCRIPT = """
 var errors = 0;
@@ -70,7 +71,14 @@ window.addEventListener('load', function () {
     if (!figure.querySelector('img, svg')) { ok = false; }
     figure.dataset.rendered = ok ? 'yes' : 'no';
     if (ok) { rendered += 1; }
+    var image = figure.querySelector('img, svg');
+    if (image) {  // where the figure is on the page (CSS pixels): a screenshot can be checked against its PNG
+      var r = image.getBoundingClientRect();  // the picture inside its border
+      figure.dataset.box = [r.left + image.clientLeft + window.scrollX, r.top + image.clientTop + window.scrollY,
+                            image.clientWidth, image.clientHeight].map(Math.round).join(',');
+    }
   });
+  document.body.dataset.height = String(document.documentElement.scrollHeight);
   document.body.dataset.figures = String(figures.length);
   document.body.dataset.figuresRendered = String(rendered);
   document.body.dataset.checked = 'yes';
@@ -209,6 +217,8 @@ def _fits_section(fits: pl.DataFrame | None) -> list[str]:
     if fits is None or fits.is_empty():
         return out + ["<p>No fits (<code>infscale fit</code> fits the laws where a campaign has enough points: "
                       "three GPU counts for USL, three output lengths for the capacity knee).</p>"]
+    if "isl_label" not in fits.columns and "isl" in fits.columns:  # fits of results schema 1.x
+        fits = fits.rename({"isl": "isl_label", "osl": "osl_label"})
     laws = Counter(fits.get_column("law").to_list())
     out.append("<p>" + html.escape(", ".join(f"{n} {law}" for law, n in sorted(laws.items())))
                + " fits; parameters with their bootstrap 95 % intervals where there were enough points.</p>")
