@@ -46,7 +46,8 @@ def load(browser: str, page: Path, width: int = 800) -> tuple[str, list[str]]:
     messages (errors, CSP violations)."""
     result = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=10000",
-         f"--window-size={width},1000", "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()],
+         f"--window-size={width},1000", "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--dump-dom",
+         page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
