@@ -4,11 +4,12 @@ catalog or a config.json; measured cells replace predictions."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
 
-from infscale.analysis.recommend import budget_campaign, recommend, why
+from infscale.analysis.recommend import _label, budget_campaign, format_ms, recommend, why
 from infscale.cli import main
 
 TINY = Path(__file__).resolve().parent / "data" / "hf" / "tiny-llama.json"
@@ -24,7 +25,10 @@ def test_ranked_by_throughput_with_a_reason(capsys) -> None:
     assert throughputs == sorted(throughputs, reverse=True) and len(options) == 10
     assert {o.dp * o.tp * o.pp for o in options} == {8} and {o.source for o in options} == {"predicted"}
     line = why(options, 16384)
+    assert "highest output throughput" in line and "of its throughput" in line
     assert "KV capacity of DP8" in line and "sequences per replica at OSL 16384" in line
+    runner_share = int(line.split(" at ")[1].split("%")[0])
+    assert runner_share <= 100  # ranked by throughput: the runner-up never beats the winner on it
 
 
 def test_slos_rank_by_goodput() -> None:
@@ -39,6 +43,20 @@ def test_slos_rank_by_goodput() -> None:
     assert failing and all(o.goodput_tok_s < o.output_tok_s for o in failing)  # requests over the SLO don't count
     goodputs = [o.goodput_tok_s for o in ranked]
     assert goodputs == sorted(goodputs, reverse=True)
+    # the reason speaks of the metric it ranked on, naming the SLO, and the runner-up as a share of it
+    line = why(ranked, 4096, tpot_slo_ms=tpot_limit)
+    assert line.startswith(f"{_label(ranked[0])}: highest goodput under the SLOs (TPOT p99 ≤ {tpot_limit:,g} ms)")
+    assert f"next: {_label(ranked[1])} at {ranked[1].goodput_tok_s / ranked[0].goodput_tok_s:.0%} of its goodput" \
+        in line
+
+
+def test_long_times_are_printed_in_seconds(capsys) -> None:
+    assert main(["recommend", "--model", "qwen2.5-32b", "--gpus", "8", "--hardware", "h200-sxm", "--isl", "1024",
+                 "--osl", "16384", "--tpot-p99-ms", "40", "--ttft-p99-ms", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\d,\d{3}\.\d s", out) and not re.search(r"\d{1,3},\d{3},\d{3}", out)  # 1,337.0 s
+    assert "highest goodput under the SLOs (TTFT p99 ≤ 2,000 ms, TPOT p99 ≤ 40 ms)" in out.replace("\n", " ")
+    assert format_ms(1_336_985) == "1,337.0 s" and format_ms(9_999) == "9,999 ms" and format_ms(29.94) == "29.9 ms"
 
 
 def test_model_from_config_json_and_measured_cells(tmp_path: Path, capsys) -> None:

@@ -785,7 +785,7 @@ AE_COMMANDS = {"bundle": cmd_ae_bundle, "verify": cmd_ae_verify, "regenerate": c
 def cmd_recommend(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from infscale.analysis.recommend import budget_campaign, recommend, why
+    from infscale.analysis.recommend import budget_campaign, format_ms, recommend, why
     from infscale.results.tables import read_cells
 
     if args.gpus < 1:
@@ -803,7 +803,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             raise SpecError([f"infscale recommend: --profile: {err}"]) from None
     measured = read_cells(args.measured) if args.measured else None
     options = recommend(campaign, args.ttft_p99_ms, args.tpot_p99_ms, measured)
-    reason = why(options, args.osl)
+    reason = why(options, args.osl, args.ttft_p99_ms, args.tpot_p99_ms)
     if args.json:
         print(json.dumps({"options": [dataclasses.asdict(o) for o in options], "why": reason}, default=float))
         return 0
@@ -814,7 +814,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     model = next(iter(campaign.models.values())).name
     table = Table(title=f"{model} on {args.gpus} × {args.hardware}, ISL {args.isl} / OSL {args.osl}"
                   + (" — ranked by goodput under the SLOs" if slo else " — ranked by output throughput"))
-    columns = ["rank", "layout", "tok/s", "tok/s/GPU", "TTFT p99 ms", "TPOT p99 ms", "seqs/replica", "from"]
+    columns = ["rank", "layout", "tok/s", "tok/s/GPU", "TTFT p99", "TPOT p99", "seqs/replica", "from"]
     if slo:
         columns[2:2] = ["goodput tok/s", "SLO met"]
     for column in columns:
@@ -826,8 +826,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         values = [str(rank), o.layout]
         if slo:
             values += [f"{o.goodput_tok_s:,.0f}", f"{o.slo_met_share:.0%}"]
-        values += [f"{o.output_tok_s:,.0f}", f"{o.output_tok_s_per_gpu:,.0f}", f"{o.ttft_ms_p99:,.0f}",
-                   f"{o.tpot_ms_p99:.1f}", str(o.per_replica_sequences), o.source]
+        values += [f"{o.output_tok_s:,.0f}", f"{o.output_tok_s_per_gpu:,.0f}", format_ms(o.ttft_ms_p99),
+                   format_ms(o.tpot_ms_p99), str(o.per_replica_sequences), o.source]
         table.add_row(*values)
     console = Console(width=200)
     console.print(table)

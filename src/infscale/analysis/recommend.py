@@ -4,7 +4,8 @@ Every valid DP × TP × PP layout of exactly the budget is predicted by the `sim
 hardware profile) on the workload; cells already measured for the same model, hardware, layout and lengths in a
 merged table given with `--measured` replace their prediction. Layouts are ranked by output throughput, or — with
 SLOs on TTFT/TPOT p99 — by goodput: the output tokens of the requests that met every SLO, per second. The winner
-gets one line of why, from the capacity numbers of the plan.
+gets one line of why, by the metric the ranking used (the runner-up as a share of it; the KV capacity against pure
+DP where DP lost); times are printed in ms, or in s from 10 s up.
 """
 
 from __future__ import annotations
@@ -115,20 +116,42 @@ def _fill(option: Option, summary: dict, requests: dict | None, ttft_slo: float 
     option.goodput_tok_s = float(requests["osl"][ok].sum()) / duration if duration > 0 else 0.0
 
 
-def why(options: list[Option], osl: int) -> str:
-    """One line on why the winner wins, from capacity and the comparison with pure DP."""
+def why(options: list[Option], osl: int, ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None) -> str:
+    """One line on why the winner wins, by the metric the layouts were ranked on (goodput under the SLOs when
+    given, else output throughput), with the runner-up against it and, where pure DP lost, the KV capacity."""
     feasible = [o for o in options if o.feasible]
     if not feasible:
         return "no layout of this budget can run the model on this hardware: " + (options[0].reason or "")
+    slos = [f"{name} p99 ≤ {limit / 1e3:g} s" if limit >= 10_000 else f"{name} p99 ≤ {limit:,g} ms"
+            for name, limit in (("TTFT", ttft_slo_ms), ("TPOT", tpot_slo_ms)) if limit is not None]
+    value = (lambda o: o.goodput_tok_s) if slos else (lambda o: o.output_tok_s)
+    metric = f"goodput under the SLOs ({', '.join(slos)})" if slos else "output throughput"
     best = feasible[0]
+    if slos and not value(best) > 0:
+        return (f"no layout meets the SLOs ({', '.join(slos)}) with any request: ranked by goodput, all 0; the "
+                f"fastest TTFT p99 is {format_ms(min(o.ttft_ms_p99 for o in feasible))} ({_label(best)} listed "
+                "first by the table's order)")
+    line = f"{_label(best)}: highest {metric}, {value(best):,.0f} tok/s"
+    if slos:
+        line += f" ({best.slo_met_share:.0%} of requests within them; output throughput {best.output_tok_s:,.0f} tok/s)"
+    runner = feasible[1] if len(feasible) > 1 else None
+    if runner is not None:
+        share = value(runner) / value(best)
+        line += f"; next: {_label(runner)} at {share:.0%} of its {'goodput' if slos else 'throughput'}"
     pure_dp = next((o for o in feasible if o.tp == 1 and o.pp == 1), None)
-    if pure_dp is None or pure_dp is best:
-        runner = feasible[1] if len(feasible) > 1 else None
-        tail = f"; next: {_label(runner)} at {runner.output_tok_s / best.output_tok_s:.0%} of it" if runner else ""
-        return f"{_label(best)}: highest throughput ({best.output_tok_s:,.0f} tok/s){tail}"
-    ratio = best.kv_capacity_tokens * best.dp / max(pure_dp.kv_capacity_tokens * pure_dp.dp, 1)
-    return (f"{_label(best)}: {ratio:.1f}× the KV capacity of {_label(pure_dp)}; {_label(pure_dp)} is capped at "
-            f"{pure_dp.per_replica_sequences} sequences per replica at OSL {osl}")
+    if pure_dp is not None and pure_dp is not best:
+        ratio = best.kv_capacity_tokens * best.dp / max(pure_dp.kv_capacity_tokens * pure_dp.dp, 1)
+        line += (f"; it has {ratio:.1f}× the KV capacity of {_label(pure_dp)}, which is capped at "
+                 f"{pure_dp.per_replica_sequences} sequences per replica at OSL {osl}")
+    return line
+
+
+def format_ms(value_ms: float) -> str:
+    """A time for a person: milliseconds below 10 s, seconds from there (offline TTFTs reach minutes)."""
+    if value_ms != value_ms:
+        return "—"
+    return f"{value_ms / 1e3:,.1f} s" if value_ms >= 10_000 else f"{value_ms:,.0f} ms" if value_ms >= 100 \
+        else f"{value_ms:.1f} ms"
 
 
 def _label(option: Option | None) -> str:
