@@ -50,7 +50,13 @@ def test_claims_on_a_sim_campaign(sim_campaign) -> None:
     for claim in ("C3", "C4", "C8", "C9", "C10", "C11"):  # no lognormal OSL, telemetry, 405B, R1 here
         assert verdicts[claim].verdict == UNTESTABLE and verdicts[claim].source is None and verdicts[claim].evidence
     text = claims_markdown(list(verdicts.values()), "claims")
-    assert text.count("| **C") == 12 and "NOT TESTABLE" in text
+    assert text.count("| **C") == 12 and "NOT TESTABLE" in text and "| passes when |" in text
+    # every verdict states its criterion; C8's says it needs every workload
+    for verdict in verdicts.values():
+        assert verdict.criterion and verdict.row()["criterion"] == verdict.criterion
+        line = next(row for row in text.splitlines() if row.startswith(f"| **{verdict.claim}** "))
+        assert verdict.criterion in line
+    assert "in every workload measured for both" in verdicts["C8"].criterion
 
 
 def test_a_claim_follows_its_evidence(sim_campaign) -> None:

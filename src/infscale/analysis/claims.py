@@ -28,10 +28,12 @@ class Verdict:
     evidence: str
     numbers: dict[str, object] = field(default_factory=dict)
     source: str | None = None        # measured | predicted | mixed (None when not testable)
+    criterion: str = ""              # what PASS needs (CRITERIA), set by check_claims
 
     def row(self) -> dict[str, object]:
         return {"claim": self.claim, "title": self.title, "verdict": self.verdict, "evidence": self.evidence,
-                "numbers": json.dumps(self.numbers, default=float), "source": self.source}
+                "criterion": self.criterion, "numbers": json.dumps(self.numbers, default=float),
+                "source": self.source}
 
 
 def _source(rows: pl.DataFrame) -> str:
@@ -281,16 +283,49 @@ def c12(merged: pl.DataFrame, ctx: dict) -> Verdict:
 
 CLAIMS: list[Callable[[pl.DataFrame, dict], Verdict]] = [c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12]
 
+# What each check needs to say PASS: its criterion, shown beside every verdict (a FAIL or NOT TESTABLE says what was
+# not met or not there to test).
+CRITERIA = {
+    "C1": "for a ≤10B model, pure DP over pure TP of the same (largest shared) GPU count: output throughput ratio "
+          "> 1.3 at some OSL ≤ 2K",
+    "C2": "for a ≤10B model, the DP/TP throughput ratio falls from the shortest to the longest OSL, and at the "
+          "longest a DP replica is capacity-bound: it runs < 90 % of the sequences offered at ≥ 90 % peak KV "
+          "occupancy, or it preempts",
+    "C3": "DP cells with a lognormal OSL under both routers; least-loaded's median CV of per-replica KV occupancy "
+          "≤ round-robin's, which is > 0",
+    "C4": "GPU telemetry (measured cells) at two or more OSLs; NVML utilisation falls from the shortest to the "
+          "longest OSL in more than half of the layouts",
+    "C5": "for a 20–40B model at its largest GPU count, the best layout of every workload with OSL ≥ 4K has TP ≥ 2",
+    "C6": "at the largest GPU count where two or more models have a pure-DP cell, the smallest model's best layout "
+          "is pure DP in half its workloads or more, and some larger model's in fewer than half",
+    "C7": "capacity fits (three or more OSLs of a layout); of those with R² > 0.8, at least half have their knee "
+          "inside the measured ISL+OSL range",
+    "C8": "Llama-3.1-405B at 8 GPUs: TP8 has a lower TPOT p50 than PP8 in every workload measured for both",
+    "C9": "Llama-3.1-405B at 16 GPUs: TP8×PP2 has a higher output throughput than TP16 in every workload measured "
+          "for both",
+    "C10": "a per-operation profile of DeepSeek-R1's step (all-to-all and synchronisation share against sequence "
+           "length)",
+    "C11": "DP-attention + EP layouts of DeepSeek-R1 with more KV capacity than TP8",
+    "C12": "a short-output control (OSL ≤ 256, ISL ≥ 1K) and OSL ≥ 8K cells of the same layouts; the prefill time "
+           "share at OSL ≥ 8K is lower than the control's in every such layout",
+}
+
 
 def check_claims(merged: pl.DataFrame, params: dict[str, float], fits: pl.DataFrame | None = None) -> list[Verdict]:
-    """Every claim's verdict. `params`: total parameters per model name (to tell the 8B from the 32B)."""
+    """Every claim's verdict, with its criterion. `params`: total parameters per model name (to tell the 8B from
+    the 32B)."""
     ctx = {"params": params, "fits": fits}
-    return [claim(merged, ctx) for claim in CLAIMS]
+    verdicts = [claim(merged, ctx) for claim in CLAIMS]
+    for verdict in verdicts:
+        verdict.criterion = CRITERIA[verdict.claim]
+    return verdicts
 
 
 def claims_markdown(verdicts: list[Verdict], campaign: str) -> str:
     lines = [f"# The paper's claims on campaign `{campaign}`", "",
-             "| claim | verdict | evidence | numbers from |", "|---|---|---|---|"]
+             "Each claim passes when its criterion holds on this campaign's cells; FAIL: the cells are there and it "
+             "does not hold; NOT TESTABLE: the cells it needs are not.", "",
+             "| claim | verdict | evidence | passes when | numbers from |", "|---|---|---|---|---|"]
     for v in verdicts:
-        lines.append(f"| **{v.claim}** {v.title} | {v.verdict} | {v.evidence} | {v.source or '—'} |")
+        lines.append(f"| **{v.claim}** {v.title} | {v.verdict} | {v.evidence} | {v.criterion} | {v.source or '—'} |")
     return "\n".join(lines) + "\n"

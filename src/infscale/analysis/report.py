@@ -199,15 +199,16 @@ def _claims_section(claims: pl.DataFrame | None) -> list[str]:
     out = ["<h2>The paper's claims</h2>"]
     if claims is None or claims.is_empty():
         return out + ["<p>No claims checked yet (<code>infscale claims</code> checks them).</p>"]
-    out.append("<p>Each claim is PASS, FAIL or NOT TESTABLE on this campaign's cells; “numbers from” says whether "
-               "they were measured or predicted by the sim backend.</p>")
+    out.append("<p>Each claim is PASS when its criterion (“passes when”) holds on this campaign's cells, FAIL when the "
+               "cells are there and it does not, NOT TESTABLE when the cells it needs are not; “numbers from” says "
+               "whether they were measured or predicted by the sim backend.</p>")
     rows = []
     for row in claims.iter_rows(named=True):
         verdict = row["verdict"] or ""
         rows.append([_Raw(f"<b>{html.escape(row['claim'])}</b>"), row["title"],
                      _Raw(f'<span class="{html.escape(verdict.replace(" ", "-"))}">{html.escape(verdict)}</span>'),
-                     row["evidence"], row["source"] or "—"])
-    out.append(_table(["claim", "statement", "verdict", "evidence", "numbers from"], rows,
+                     row["evidence"], row.get("criterion") or "—", row["source"] or "—"])
+    out.append(_table(["claim", "statement", "verdict", "evidence", "passes when", "numbers from"], rows,
                       row_classes=[(r["verdict"] or "").replace(" ", "-") for r in claims.iter_rows(named=True)]))
     return out
 
