@@ -173,3 +173,21 @@ def test_a_failed_job_exits_1_with_its_error(tmp_path, capsys, monkeypatch):
     assert "failed: RuntimeError: --device cuda asked for, but CUDA is not available here" in err
     assert "_log.err" in err  # where the job's own log is
     assert not (results / "mb" / "calibration" / "h100-sxm" / "microbench.json").exists()
+
+
+def test_without_torch_the_error_names_the_install_command(tmp_path, capsys, monkeypatch):
+    """The calibration target on a machine without PyTorch: one line naming the package and the command that
+    installs it, not a bare ModuleNotFoundError."""
+    import sys
+
+    from infscale.backends import get_backend
+    from infscale.extras import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "infscale.microbench", raising=False)
+    assert main(["microbench", "--out", str(tmp_path), "--device", "cpu", "--gpus", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "MissingDependencyError: the calibration microbenchmarks" in err and "needs PyTorch" in err
+    assert "scripts/setup-venv.sh torch" in err and "ModuleNotFoundError" not in err
+    with pytest.raises(MissingDependencyError, match=r"the 'torch' backend needs PyTorch.*setup-venv.sh torch"):
+        get_backend("torch")

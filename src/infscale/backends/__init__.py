@@ -14,10 +14,11 @@ def get_backend(name: str, options: dict | None = None) -> Backend:
 
         return SimBackend()
     if name == "torch":
-        try:
-            from infscale.backends.torch.backend import TorchBackend
-        except ImportError as err:
-            raise RuntimeError(f"the 'torch' backend needs PyTorch ({err}); install infscale[torch]") from None
+        from infscale.extras import require
+
+        require("torch", "the 'torch' backend")
+        from infscale.backends.torch.backend import TorchBackend
+
         return TorchBackend()
     if name == "trtllm":
         from infscale.backends.trtllm.backend import TrtllmBackend

@@ -86,6 +86,9 @@ class MicrobenchJob(Checkpointable):
         self.out, self.worlds, self.models, self.device = out, list(worlds), list(models), device
 
     def __call__(self) -> str:
+        from infscale.extras import require
+
+        require("torch", "the calibration microbenchmarks (infscale microbench, the `calibration` target)")
         from infscale.microbench import run_microbench
 
         return str(run_microbench(Path(self.out), self.worlds, self.models, self.device,
