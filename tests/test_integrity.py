@@ -154,3 +154,37 @@ def test_the_merge_counts_problem_files_and_never_calls_them_ok(measured) -> Non
     assert "4 cells planned: 1 ok, 1 missing, 1 damaged, 1 misnamed" in text
     assert "## cell files needing attention" in text and f"`{impostor}`: misnamed: " in text
     assert not cell_file(results, broken).exists() and len(list((results / "damaged").iterdir())) == 2
+
+
+def test_files_of_cells_no_longer_planned_are_superseded_and_come_back(measured) -> None:
+    """With repair, a file in cells/ that no planned cell owns moves to superseded/ with why (the plan dropped the
+    cell, rules it infeasible now, or the file cannot be read); never deleted, never counted in cells/; a planned
+    cell's file found in superseded/ moves back."""
+    _, planned, results, summary = measured
+    kept, dropped = planned[:3], planned[3]
+    junk = results / "cells" / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+    before = {p.name: sha(p) for p in (results / "cells").glob("*.parquet")}
+    plan = {p.cell.id: p.cell.spec_json for p in kept}
+    ruled_infeasible = kept[2].cell.id
+    check = check_cells(results, expected(kept[:2]), [], repair=True, planned=plan)
+    superseded = results / "superseded"
+    assert sorted(p.name for p in check.superseded) == sorted(
+        [f"{dropped.cell.id}.parquet", f"{ruled_infeasible}.parquet", "junk.parquet"])
+    assert sorted(p.name.removesuffix(".parquet") for p in (results / "cells").glob("*.parquet")) == sorted(
+        p.cell.id for p in kept[:2])
+    assert {p.name: sha(p) for p in superseded.glob("*.parquet")} == {
+        name: digest for name, digest in before.items() if name in {p.name for p in check.superseded}}
+    reasons = {p.name: (superseded / f"{p.name}.reason").read_text() for p in check.superseded}
+    assert "no planned cell has its model" in reasons[f"{dropped.cell.id}.parquet"]
+    assert "rules this cell infeasible" in reasons[f"{ruled_infeasible}.parquet"]
+    assert "cannot be read" in reasons["junk.parquet"]
+    assert "superseded\tjunk.parquet" in (results / "logs" / "cell-check.log").read_text()
+    # without repair nothing moves; planned again, the cell's file comes back (not measured again)
+    assert not check_cells(results, expected(planned), []).restored
+    again = check_cells(results, expected(planned), [], repair=True, planned={p.cell.id: p.cell.spec_json
+                                                                              for p in planned})
+    assert sorted(again.restored) == sorted([dropped.cell.id, ruled_infeasible])
+    assert again.valid == set(expected(planned)) and not (superseded / f"{dropped.cell.id}.parquet.reason").exists()
+    assert {p.name: sha(p) for p in (results / "cells").glob("*.parquet")} == {
+        name: digest for name, digest in before.items() if name != "junk.parquet"}

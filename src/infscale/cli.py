@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "results/<campaign>/figures/, with figures.json listing them")
     _campaign_args(figures)
 
+    export = commands.add_parser("export", help="write the campaign's results as flat Parquet tables for other "
+                                 "tools: cells, requests, series, telemetry (docs/results.md)")
+    _campaign_args(export)
+    export.add_argument("--out", type=Path, help="folder for the tables (default: results/<campaign>/export)")
+
     report = commands.add_parser("report", help="write results/<campaign>/report.html: figures, summary, claims, "
                                  "fits and provenance in one self-contained file")
     _campaign_args(report)
@@ -422,6 +427,20 @@ def _read_merged(run):  # -> polars.DataFrame | None
         print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
         return None
     return read_cells(run.merged_file)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from infscale.results.tables import export
+
+    run = _campaign_run(args)
+    if not run.merged_file.exists():
+        print(f"{run.merged_file} does not exist yet; run `infscale merge` first", file=sys.stderr)
+        return 1
+    import polars as pl
+
+    for kind, path in export(run.results_dir, args.out or run.results_dir / "export").items():
+        print(f"{kind:<10} {pl.scan_parquet(path).select(pl.len()).collect().item():>10,} rows  {path}")
+    return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -906,7 +925,7 @@ COMMANDS = {
     "run": cmd_run, "status": cmd_status, "validate": cmd_validate,
     "calibrate": cmd_calibrate, "microbench": cmd_microbench, "engines": cmd_engines, "fit": cmd_fit,
     "claims": cmd_claims, "engine": cmd_engine, "recommend": cmd_recommend, "ae": cmd_ae,
-    "extrapolate": cmd_extrapolate, "figures": cmd_figures, "report": cmd_report,
+    "extrapolate": cmd_extrapolate, "figures": cmd_figures, "report": cmd_report, "export": cmd_export,
 }
 
 if __name__ == "__main__":
