@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -178,8 +179,11 @@ def test_pareto_frontier_and_scaling_figures(sim_figures) -> None:
     for name in SCALING:
         panels = [ax for ax in sim_figures[name].axes if ax.get_visible() and ax.get_title()]
         assert panels and all(any(line.get_linestyle() == ":" for line in ax.lines) for ax in panels)
-    assert any("efficiency vs 1 GPU" in child.get_ylabel() for ax in sim_figures["scaling_efficiency"].axes
-               for child in ax.child_axes)
+    efficiency = [ax for ax in sim_figures["scaling_efficiency"].axes if ax.get_visible() and ax.get_title()]
+    assert all(re.match(r"efficiency \(1 = [\d,]+\ntok/s/GPU at \d+ GPUs?\)", ax.get_ylabel()) for ax in efficiency)
+    for ax in efficiency:  # every family starts at 1 where it shares the baseline, and the ideal is 1
+        ideal = next(line for line in ax.lines if line.get_linestyle() == ":")
+        assert set(ideal.get_ydata()) == {1.0}
     assert all(ax.get_yscale() == "log" for ax in sim_figures["throughput_vs_gpus"].axes if ax.get_title())
 
 

@@ -2,9 +2,10 @@
 
 - `pareto`: output tokens/s per GPU against tokens/s per user (1/TPOT) for every layout and arrival, a panel per
   model and workload, with the Pareto frontier drawn and its points labelled;
-- `throughput_vs_gpus` (log–log) and `scaling_efficiency` (tokens/s per GPU, and the scaling efficiency on the
-  right axis): per strategy family, its best layout at each GPU count against the ideal (dotted), a panel per model
-  and workload; the USL fit dashed on the first (from `fits` when given, else fitted here as fits.py does);
+- `throughput_vs_gpus` (log–log) and `scaling_efficiency` (tokens/s per GPU as a share of the smallest GPU
+  count's, the ideal being 1): per strategy family, its best layout at each GPU count against the ideal (dotted),
+  a panel per model and workload; the USL fit dashed on the first (from `fits` when given, else fitted here as
+  fits.py does);
 - `reasoning_cliff`: output tokens/s per GPU against the output length per layout, per model;
 - `kv_capacity`: KV-cache capacity per replica and the layout's maximum concurrency, model × layout tables;
 - `best_layout`: the best layout at each model's single-node GPU count, over model size × workload;
@@ -518,9 +519,9 @@ def _baseline(group: pl.DataFrame) -> dict:
 
 def _scaling_figure(ok: pl.DataFrame, fits: pl.DataFrame | None, metric: str) -> object:
     """The scaling figures: `total` (tokens/s, log-log, ideal: linear in the GPU count) and `per_gpu` (tokens/s
-    per GPU, ideal: flat; on the right the scaling efficiency X(N) / (N/N0 · X(N0)), ideal 1)."""
+    per GPU as a share of the smallest GPU count's: the scaling efficiency X(N) / (N/N0 · X(N0)), ideal 1; each
+    panel's y label says what 1 is in tokens/s per GPU)."""
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     if metric == "total" and fits is not None and {"law", "x", "family", "model", *WORKLOAD} <= set(fits.columns):
         fits = fits.filter((pl.col("law") == "usl") & (pl.col("x") == "gpus"))
@@ -529,8 +530,8 @@ def _scaling_figure(ok: pl.DataFrame, fits: pl.DataFrame | None, metric: str) ->
     rows, columns, panels = _scaling_panels(ok)
     columns, note = _pick_columns(columns, lambda c: _workload_label(dict(zip(WORKLOAD[1:], c))))
     families = {f for key, group in panels.items() if key[1] in columns for f in group.get_column("family").unique()}
-    figure, grid = _panel_matrix(rows, columns, panels, right_axis=0.55 if metric == "per_gpu" else 0.0,
-                                 header_lines=3 if note else 2, legend_rows=math.ceil((len(families) + 4) / 8))
+    figure, grid = _panel_matrix(rows, columns, panels, header_lines=3 if note else 2,
+                                 legend_rows=math.ceil((len(families) + 4) / 8))
     figure.infscale_note = note
     first_column = {series: min((columns.index(w) for s_, w in grid if s_ == series)) for series in rows}
     kinds, families, fitted = set(), set(), False  # families: those drawn (the 1-GPU "single" is in each)
@@ -541,7 +542,7 @@ def _scaling_figure(ok: pl.DataFrame, fits: pl.DataFrame | None, metric: str) ->
         n0, x0 = base["gpus"], base["output_tok_s"]
         for fam, best in _family_best(group).items():
             gpus, tok_s = best.get_column("gpus"), best.get_column("output_tok_s")
-            y = {"total": tok_s, "per_gpu": tok_s / gpus}[metric]
+            y = {"total": tok_s, "per_gpu": tok_s / gpus / (x0 / n0)}[metric]
             _line(ax, gpus, y, best["predicted_point"], family_style(fam), markersize=4)
             families.add(fam)
             kinds.add(_kind(best))
@@ -549,25 +550,25 @@ def _scaling_figure(ok: pl.DataFrame, fits: pl.DataFrame | None, metric: str) ->
                 fitted |= _usl_curve(ax, fits, group.row(0, named=True), fam, best, family_style(fam))
         ideal_x = np.array([counts[0], counts[-1]], dtype=float)
         per_gpu0 = x0 / n0
-        ideal = {"total": x0 * ideal_x / n0, "per_gpu": np.full(2, per_gpu0)}[metric]
+        ideal = {"total": x0 * ideal_x / n0, "per_gpu": np.ones(2)}[metric]
         ax.plot(ideal_x, ideal, color="#555555", linewidth=0.9, linestyle=":", zorder=1)
         _log2_axis(ax, counts)
         if metric == "total":
             _log(ax, "y")
-        else:  # the same curves as a scaling efficiency on the right: per-GPU throughput / the ideal's
-            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.15 * per_gpu0))
-            right = ax.secondary_yaxis("right", functions=(lambda v, k=per_gpu0: v / k, lambda e, k=per_gpu0: e * k))
-            right.set_ylabel(f"efficiency vs {n0} GPU{'s' if n0 > 1 else ''}", fontsize=7)
-            right.yaxis.set_major_locator(MaxNLocator(4))
+        else:  # per-GPU throughput as a share of the smallest count's: the scaling efficiency (one axis: cheap)
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.15))
         ax.set_xlabel("GPUs")
-        if columns.index(workload) == first_column[series]:
-            ax.set_ylabel({"total": "output tok/s", "per_gpu": "output tok/s per GPU"}[metric])
+        if metric == "per_gpu":  # the scale of each panel: what efficiency 1 is in tokens/s per GPU
+            ax.set_ylabel(f"efficiency (1 = {per_gpu0:,.0f}\ntok/s/GPU at {n0} GPU{'s' if n0 > 1 else ''})",
+                          fontsize=7)
+        elif columns.index(workload) == first_column[series]:
+            ax.set_ylabel("output tok/s")
         ax.set_title(f"{series}\n{_workload_label(group.row(0, named=True))} ({_kind(group)})", fontsize=8)
     ordered = sorted(families, key=lambda f: (FAMILIES.index(f) if f in FAMILIES else len(FAMILIES), f))
     handles = _legend_handles(ordered, {f: family_style(f) for f in ordered}, kinds)
     handles.append(Line2D([], [], color="#555555", linewidth=0.9, linestyle=":",
                           label={"total": "ideal: linear in GPUs",
-                                 "per_gpu": "ideal: flat per GPU (efficiency 1)"}[metric]))
+                                 "per_gpu": "ideal: efficiency 1 (flat per GPU)"}[metric]))
     if fitted:
         handles.append(Line2D([], [], color="#555555", linewidth=0.8, linestyle=(0, (4, 2)), label="USL fit"))
     _legend(figure, handles, 8)
@@ -579,7 +580,7 @@ def throughput_vs_gpus(ok: pl.DataFrame, fits: pl.DataFrame | None = None, **_) 
 
 
 def scaling_efficiency(ok: pl.DataFrame, **_) -> object:
-    """The per-GPU variant: output tok/s per GPU (left) and the scaling efficiency it means (right)."""
+    """The per-GPU variant: tokens/s per GPU relative to the smallest GPU count's, i.e. the scaling efficiency."""
     return _scaling_figure(ok, None, "per_gpu")
 
 
@@ -997,10 +998,10 @@ FIGURES: list[tuple[str, str, str, Callable]] = [  # name, headline, caption, dr
      "Output throughput against the GPU count on log–log axes, per strategy family (the family's best layout at "
      "each count), a panel per model and workload; dotted: ideal linear scaling from the panel's smallest GPU "
      "count; USL fits dashed where fitted.", throughput_vs_gpus),
-    ("scaling_efficiency", "Throughput per GPU and scaling efficiency vs GPU count per strategy family",
-     "Output tokens/s per GPU (left axis) of each strategy family's best layout at each GPU count N, and the "
-     "scaling efficiency that is (right axis): X(N) / (N / N0 · X(N0)) against the best cell at the panel's "
-     "smallest GPU count N0, a panel per model and workload; dotted: the ideal, flat per GPU (efficiency 1).",
+    ("scaling_efficiency", "Scaling efficiency (throughput per GPU) vs GPU count per strategy family",
+     "Scaling efficiency X(N) / (N / N0 · X(N0)) of each strategy family's best layout at each GPU count N against "
+     "the best cell at the panel's smallest GPU count N0: its output tokens/s per GPU as a share of N0's (each "
+     "panel's axis says what 1 is in tokens/s per GPU), a panel per model and workload; dotted: the ideal, 1.",
      scaling_efficiency),
     ("reasoning_cliff", "Per-GPU throughput vs output length (the reasoning cliff)",
      "Output tokens/s per GPU against the output length (OSL), per layout at each model's "
