@@ -182,4 +182,4 @@ def write_figures(run: CampaignRun, merged) -> list:  # -> list[analysis.figures
     params = {arch.name: float(arch.param_counts().total) for arch in campaign.models.values()}
     return render_figures(merged, run.figures_dir, validation=read_validation(run.validation_files()),
                           title=f"campaign {campaign.name}: {campaign.spec.backend} backend on "
-                                f"{campaign.hardware.name} ({kind})", model_params=params)
+                                f"{campaign.hardware.name} ({kind})", model_params=params, workers=2)

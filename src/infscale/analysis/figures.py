@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ DPI = 100
 PANEL = (3.0, 2.1)           # inches per panel (the axes alone)
 SMALL_PANEL = (2.4, 1.7)     # … in the model × workload grids
 GRID_WORKLOADS = 4           # workload columns of a grid at most (spread over the campaign's workloads)
+PARALLEL_ABOVE_CELLS = 300   # ok cells from which two processes draw (below, a process costs more than it saves)
 MANIFEST = "figures.json"
 # Okabe & Ito's colour-blind-safe palette, yellow last (weak on white paper); markers tell series apart in grey
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
@@ -85,18 +87,54 @@ class Skip(Exception):
 
 def render_figures(cells: pl.DataFrame, out_dir: Path, *, fits: pl.DataFrame | None = None,
                    validation: pl.DataFrame | None = None, title: str,
-                   model_params: dict[str, float] | None = None) -> list[FigureResult]:
+                   model_params: dict[str, float] | None = None, workers: int = 1) -> list[FigureResult]:
     """Draw every figure into `out_dir` (PNG + SVG each) and write `figures.json` listing them, with the reason for
     each one skipped. `validation`: rows of `infscale validate`'s tables, optionally with a `predictor` column
     (which prediction they hold, e.g. the hardware profile); `model_params`: total parameters per model (for the
-    best-layout map's order; else the catalog's, else the weights' size)."""
+    best-layout map's order; else the catalog's, else the weights' size). `workers` 2: a large campaign's figures
+    are drawn by this process and a spawned one (the caller's main module must be import-safe, as a command
+    line's is)."""
     out_dir = Path(out_dir)
     # the plan's capacity columns hold for every feasible cell, measured yet or not ("planned")
     data = prepare_data(cells, fits=fits, validation=validation, model_params=model_params)
-    results = [_render_one(name, data, title, out_dir) for name, *_ in FIGURES]
+    names = [name for name, *_ in FIGURES]
+    if min(workers, os.cpu_count() or 1) > 1 and data["ok"].height >= PARALLEL_ABOVE_CELLS:
+        # a large campaign's grids take seconds each: a second process draws half of them (spawned, not
+        # forked: polars must not be forked after it has run); the files do not depend on who drew them
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        here, there = _split(names)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            other = pool.submit(_render_many, there, data, title, out_dir)
+            drawn = {r.name: r for r in (_render_one(name, data, title, out_dir) for name in here)}
+            drawn.update({r.name: r for r in other.result()})
+        results = [drawn[name] for name in names]
+    else:
+        results = [_render_one(name, data, title, out_dir) for name in names]
     manifest = {"title": title, "figures": [r.manifest_entry() for r in results]}
     write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return results
+
+
+# rough drawing seconds of each figure on the demo campaign: to split them evenly between two processes
+COST = {"pareto": 2.5, "throughput_vs_gpus": 1.9, "scaling_efficiency": 2.0, "latency": 1.3, "kv_capacity": 0.9,
+        "reasoning_cliff": 0.7, "best_layout": 0.4}
+SPAWN_COST = 1.5  # a spawned process's imports
+
+
+def _split(names: list[str]) -> tuple[list[str], list[str]]:
+    """The figures this process draws and those a spawned one draws, about equal in time (greedy by cost)."""
+    here, there, load = [], [], [0.0, SPAWN_COST]
+    for name in sorted(names, key=lambda n: -COST.get(n, 0.3)):
+        side = 0 if load[0] <= load[1] else 1
+        (here, there)[side].append(name)
+        load[side] += COST.get(name, 0.3)
+    return here, there
+
+
+def _render_many(names: list[str], data: dict[str, object], title: str, out_dir: Path) -> list[FigureResult]:
+    return [_render_one(name, data, title, out_dir) for name in names]
 
 
 def _render_one(name: str, data: dict[str, object], title: str, out_dir: Path) -> FigureResult:
