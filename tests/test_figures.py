@@ -254,3 +254,16 @@ def test_nothing_is_cut_off(sim_figures, reference_figures, tmp_path) -> None:
     wide.legend(loc="lower center", ncols=1)
     check(wide, "wide")
     assert Image.open(tmp_path / "wide.png").size[0] > 2 * figures.DPI
+
+
+def test_two_processes_draw_the_same_files(sim_results, tmp_path, monkeypatch) -> None:
+    from infscale.results.tables import read_cells
+
+    config, results = sim_results
+    cells = read_cells(results / "figs")
+    monkeypatch.setattr(figures, "PARALLEL_ABOVE_CELLS", 0)  # a small campaign, drawn as a large one would be
+    here, there = figures._split([name for name, *_ in figures.FIGURES])
+    assert here and there and not set(here) & set(there)
+    render_figures(cells, tmp_path / "two", title="t", workers=2)
+    render_figures(cells, tmp_path / "one", title="t", workers=1)
+    assert digests(tmp_path / "two") == digests(tmp_path / "one") and len(digests(tmp_path / "one")) >= 15
