@@ -19,7 +19,7 @@ from infscale.results.provenance import describe_commit
 CLAIM_FIGURES: dict[str, list[str]] = {
     "C1": ["throughput_vs_gpus", "best_layout"],
     "C2": ["reasoning_cliff", "kv_capacity"],
-    "C5": ["best_layout", "throughput_vs_gpus"],
+    "C5": ["best_layout", "throughput_vs_gpus", "scaling_efficiency"],
     "C6": ["best_layout"],
     "C7": ["reasoning_cliff", "kv_capacity"],
     "C12": ["latency"],
