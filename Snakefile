@@ -4,8 +4,11 @@
 # with the microbenchmarks and writes a hardware profile from them.
 # Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
 # All logic lives in src/infscale; the rules only call the `infscale` command line.
+# Shell safety: every value that comes from the command line or a file (campaign path, results root, launcher
+# file, log and output paths) reaches the shell quoted: {x:q} in the rules, shlex.join for the argument lists here.
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,9 +20,11 @@ CAMPAIGN = CampaignRun(
     results_root=Path(config.get("results_root", "results")),
     packing=config.get("packing", "auto"),
 )
+CAMPAIGN.check_workflow_paths()
 RESULTS = CAMPAIGN.results_dir
-INFSCALE = config.get("infscale", f"{sys.executable} -m infscale")
-COMMON = f"{CAMPAIGN.campaign_file} --results-root {CAMPAIGN.results_root} --packing {CAMPAIGN.packing}"
+# `infscale` in the config overrides the command (split into words, never run as shell syntax)
+INFSCALE = shlex.join(shlex.split(config["infscale"]) if "infscale" in config else [sys.executable, "-m", "infscale"])
+COMMON = shlex.join(CAMPAIGN.cli_arguments())
 # Launcher settings (profiles/slurm/settings.yaml's `launcher:` block): validated, and checked against the
 # cluster, before anything is submitted; the bench jobs read them from a file in the results directory.
 LAUNCHER_FILE = CAMPAIGN.write_launcher_settings(config.get("launcher"))

@@ -598,13 +598,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from infscale.pipeline import CampaignRun
 
     run = CampaignRun(args.config, args.results_root, "auto")
+    run.check_workflow_paths()
     snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
     workdir = args.directory or Path.cwd()
     base = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
             "--profile", str(args.profile)]
-    if args.settings:
-        base += ["--configfile", str(args.settings.resolve())]
-    config = ["--config", f"campaign={args.config.resolve()}", f"results_root={args.results_root.resolve()}"]
+    # The campaign and results root go to snakemake in a config file, not as --config KEY=VALUE, which strips
+    # quotes and reads the value as YAML (a path with ': ' or ' #' would not arrive as written).
+    from infscale.results.io import write_text_atomic
+
+    paths = run.results_dir / "jobs" / "run-config.json"
+    write_text_atomic(paths, json.dumps({"campaign": str(args.config.resolve()),
+                                         "results_root": str(args.results_root.resolve())}, indent=1))
+    config = ["--configfile", *([str(args.settings.resolve())] if args.settings else []), str(paths.resolve())]
     extra = list(args.snakemake_args)
     try:
         with driver_lock(run.results_dir / "jobs" / "driver.lock", f"campaign {run.campaign.name}"):

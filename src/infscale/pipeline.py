@@ -10,8 +10,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infscale.campaign import Campaign, load_campaign
+from infscale.campaign import Campaign, SpecError, load_campaign
 from infscale.campaign.plan import PlannedCell, plan_campaign
+
+PACKINGS = ("auto", "layout", "model")
 
 
 @dataclass
@@ -23,12 +25,30 @@ class CampaignRun:
     planned: list[PlannedCell] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.packing not in PACKINGS:
+            raise SpecError([f"packing: '{self.packing}' is not one of {', '.join(PACKINGS)}"])
         self.campaign = load_campaign(self.campaign_file)
         if self.packing == "auto":
             # A GPU backend needs one allocation per layout; the sim backend needs no GPU, so one job per
             # model saves process start-ups.
             self.packing = "model" if self.campaign.spec.backend == "sim" else "layout"
         self.planned = plan_campaign(self.campaign, self.packing)
+
+    def cli_arguments(self) -> list[str]:
+        """The campaign's arguments to each `infscale` step of the workflow, one list item per argument (the
+        Snakefile quotes them for the shell). Values are attached with `=`, and a campaign path that starts with
+        `-` gets `./`, so no file name is ever read as an option."""
+        campaign = str(self.campaign_file)
+        campaign = f"./{campaign}" if campaign.startswith("-") else campaign
+        return [campaign, f"--results-root={self.results_root}", f"--packing={self.packing}"]
+
+    def check_workflow_paths(self) -> None:
+        """Snakemake reads `{...}` in a file name as a wildcard: refuse such a campaign path or results root with
+        its name, rather than fail later on a wildcard error about rule `all`."""
+        for key, value in (("campaign", self.campaign_file), ("results_root", self.results_root)):
+            if "{" in str(value) or "}" in str(value):
+                raise SpecError([f"{key}: '{value}' holds '{{' or '}}', which Snakemake reads as a wildcard; "
+                                 "choose a path without braces"])
 
     @property
     def results_dir(self) -> Path:
