@@ -21,6 +21,7 @@ CAMPAIGN = CampaignRun(
     packing=config.get("packing", "auto"),
 )
 CAMPAIGN.check_workflow_paths()
+CAMPAIGN.require_feasible()
 RESULTS = CAMPAIGN.results_dir
 # `infscale` in the config overrides the command (split into words, never run as shell syntax)
 INFSCALE = shlex.join(shlex.split(config["infscale"]) if "infscale" in config else [sys.executable, "-m", "infscale"])

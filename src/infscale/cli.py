@@ -5,16 +5,90 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from infscale.campaign import SpecError
+from infscale.campaign.spec import MAX_NODES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `infscale predict: argument --isl: … (see infscale predict --help)`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ {least} (got {text!r})") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ {least} (got {text!r})")
+    return value
+
+
+def _count(text: str) -> int:
+    """A count: a whole number, 1 or more."""
+    return _whole(text, 1)
+
+
+def _natural(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _positive(text: str) -> float:
+    """A finite number above 0 (a time, a size)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 (got {text!r})")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0 (got {text!r})")
+    return value
+
+
+def _requests(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _count(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1 or 'auto' (got {text!r})") from None
+
+
+def _arrival(text: str) -> dict[str, object]:
+    """offline | concurrency:N | poisson:RATE, as the campaign file's `arrival:` mapping."""
+    mode, sep, value = text.partition(":")
+    try:
+        if mode == "offline" and not sep:
+            return {"mode": "offline"}
+        if mode == "concurrency":
+            return {"mode": mode, "concurrency": _count(value)}
+        if mode == "poisson":
+            return {"mode": mode, "rate": _positive(value)}
+    except argparse.ArgumentTypeError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected offline, concurrency:N (N ≥ 1) or poisson:RATE (requests per "
+                                     f"second > 0) (got {text!r})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infscale", description=__doc__)
+    parser = _Parser(prog="infscale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="expand a campaign into cells, with verdicts and GPU-hours")
@@ -28,32 +102,34 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--hardware", default="h200-sxm")
     predict.add_argument("--precision", default="bf16", help="weights[/kv], e.g. bf16, fp8, fp8/fp8")
     for name in ("dp", "tp", "pp", "ep"):
-        predict.add_argument(f"--{name}", type=int, default=1)
-    predict.add_argument("--isl", type=int, required=True)
-    predict.add_argument("--osl", type=int, required=True)
-    predict.add_argument("--requests", default="auto", help="a number, or 'auto' (4 × max concurrency)")
-    predict.add_argument("--arrival", default="offline", help="offline | concurrency:N | poisson:RATE")
-    predict.add_argument("--max-num-seqs", type=int)
-    predict.add_argument("--max-num-tokens", type=int)
-    predict.add_argument("--kv-memory-fraction", type=float)
-    predict.add_argument("--kv-block-size", type=int)
+        predict.add_argument(f"--{name}", type=_count, default=1)
+    predict.add_argument("--isl", type=_count, required=True)
+    predict.add_argument("--osl", type=_count, required=True)
+    predict.add_argument("--requests", type=_requests, default="auto", help="a number, or 'auto' "
+                         "(4 × max concurrency)")
+    predict.add_argument("--arrival", type=_arrival, default="offline", help="offline | concurrency:N | "
+                         "poisson:RATE")
+    predict.add_argument("--max-num-seqs", type=_count)
+    predict.add_argument("--max-num-tokens", type=_count)
+    predict.add_argument("--kv-memory-fraction", type=_positive)
+    predict.add_argument("--kv-block-size", type=_count)
     predict.add_argument("--router", choices=("round_robin", "least_loaded"))
-    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--seed", type=_natural, default=0)
     predict.add_argument("--profile", type=Path, help="hardware profile (infscale calibrate) instead of the "
                          "catalog's efficiency constants")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
 
     rec = commands.add_parser("recommend", help="rank the DP×TP×PP layouts of a GPU budget for a model and workload")
     rec.add_argument("--model", required=True, help="catalog name or path to a Hugging Face config.json")
-    rec.add_argument("--gpus", type=int, required=True)
+    rec.add_argument("--gpus", type=_count, required=True)
     rec.add_argument("--hardware", default="h200-sxm")
     rec.add_argument("--precision", default="bf16")
-    rec.add_argument("--isl", type=int, required=True)
-    rec.add_argument("--osl", type=int, required=True)
-    rec.add_argument("--requests", default="auto")
-    rec.add_argument("--max-num-seqs", type=int, default=256)
-    rec.add_argument("--ttft-p99-ms", type=float, help="SLO: rank by goodput of requests whose TTFT is within it")
-    rec.add_argument("--tpot-p99-ms", type=float, help="SLO: … and whose TPOT is within it")
+    rec.add_argument("--isl", type=_count, required=True)
+    rec.add_argument("--osl", type=_count, required=True)
+    rec.add_argument("--requests", type=_requests, default="auto")
+    rec.add_argument("--max-num-seqs", type=_count, default=256)
+    rec.add_argument("--ttft-p99-ms", type=_positive, help="SLO: rank by goodput of requests whose TTFT is within it")
+    rec.add_argument("--tpot-p99-ms", type=_positive, help="SLO: … and whose TPOT is within it")
     rec.add_argument("--profile", type=Path, help="hardware profile for the predictions (infscale calibrate)")
     rec.add_argument("--measured", type=Path, help="a merged cells.parquet: its measured cells replace predictions")
     rec.add_argument("--json", action="store_true")
@@ -71,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     status = commands.add_parser("status", help="cells done/pending/failed per bench job, with Slurm job states")
     _campaign_args(status)
-    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh until every cell is done")
+    status.add_argument("--watch", type=_positive, metavar="SECONDS", help="refresh until every cell is done")
 
     merge = commands.add_parser("merge", help="merge the campaign's cell files; write cells.parquet, summary.md")
     _campaign_args(merge)
@@ -115,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--results-root", type=Path, default=Path("results"))
     mb.add_argument("--packing", default="auto", choices=("auto", "layout", "model"), help=argparse.SUPPRESS)
     mb.add_argument("--out", type=Path, help="without a campaign: the folder for microbench.json")
-    mb.add_argument("--gpus", type=int, nargs="+", metavar="N", help="rank counts of the collectives (default: "
+    mb.add_argument("--gpus", type=_count, nargs="+", metavar="N", help="rank counts of the collectives (default: "
                     "the campaign's, else 2; 1 measures none)")
     mb.add_argument("--models", nargs="+", help="catalog models of the GEMM shapes, the first also of attention "
                     "(default: the campaign's dense models, else llama-3.1-8b)")
@@ -145,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     engines = commands.add_parser("engines", help="list or garbage-collect a TensorRT-LLM engine cache")
     engines.add_argument("action", choices=("list", "gc"))
     engines.add_argument("--cache", type=Path, required=True, help="the engine cache directory (trtllm.engine_cache)")
-    engines.add_argument("--budget-gb", type=float, help="gc: delete least recently used engines beyond this size")
+    engines.add_argument("--budget-gb", type=_non_negative,
+                         help="gc: delete least recently used engines beyond this size")
     engines.add_argument("--keep", default="", help="gc: comma-separated engine digests never to delete")
 
     summary = commands.add_parser("summary", help="print the campaign summary")
@@ -174,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "or one GPU) and print its expected wall time")
     ae_reduce.add_argument("config", type=Path)
     ae_reduce.add_argument("--target", choices=("cpu", "1gpu"), default="cpu")
-    ae_reduce.add_argument("--osl-max", type=int, default=1024, help="1gpu: longest OSL kept")
-    ae_reduce.add_argument("--max-requests", type=int, default=16, help="1gpu: requests per cell at most")
+    ae_reduce.add_argument("--osl-max", type=_count, default=1024, help="1gpu: longest OSL kept")
+    ae_reduce.add_argument("--max-requests", type=_count, default=16, help="1gpu: requests per cell at most")
     ae_reduce.add_argument("--out", type=Path, help="campaign file to write (default: print it)")
     ae_compare = ae_commands.add_parser("compare", help="match cells by spec; per metric, which are within the "
                                         "tolerance band; whether each claim's verdict is the same")
@@ -203,16 +280,36 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
-    args = parser.parse_args(argv)
-    if passthrough:
-        if args.command != "run":
-            parser.error("arguments after -- are passed to snakemake by `infscale run` only")
-        args.snakemake_args = passthrough
+    try:  # argparse exits on a bad argument (one line, exit 2) or --help (exit 0): return its status instead
+        args = parser.parse_args(argv)
+        if passthrough:
+            if args.command != "run":
+                parser.error("arguments after -- are passed to snakemake by `infscale run` only")
+            args.snakemake_args = passthrough
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return status
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `infscale predict … | head -1`: the reader left; stop quietly
+        _stdout_to_devnull()
+        return 1
+    except OSError as err:  # an unwritable results root, a full disk: the file and the reason, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"infscale {args.command}: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's last flush does not complain."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured in tests): nothing to redirect
+        pass
 
 
 def _campaign_args(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +338,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from infscale.reports import print_plan
 
         print_plan(run, per_cell=args.cells)
+    run.require_feasible()  # after the table, which shows each cell's reason
     return 0
 
 
@@ -599,6 +697,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run = CampaignRun(args.config, args.results_root, "auto")
     run.check_workflow_paths()
+    run.require_feasible()
     snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
     workdir = args.directory or Path.cwd()
     base = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
@@ -719,16 +818,20 @@ AE_COMMANDS = {"bundle": cmd_ae_bundle, "verify": cmd_ae_verify, "regenerate": c
 def cmd_recommend(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import polars as pl
-
     from infscale.analysis.recommend import budget_campaign, recommend, why
 
-    if args.gpus < 1:
-        print(f"--gpus: {args.gpus} is not a GPU count (1 or more)", file=sys.stderr)
+    limit = _gpu_limit(args.hardware, "recommend")
+    if args.gpus > limit:
+        print(f"--gpus: {args.gpus} GPUs exceed the {limit} of {MAX_NODES} nodes of {args.hardware} "
+              f"(allowed: 1 to {limit})", file=sys.stderr)
         return 2
-    requests = args.requests if args.requests == "auto" else int(args.requests)
-    campaign = budget_campaign(args.model, args.gpus, args.hardware, args.isl, args.osl, requests, args.precision,
-                               args.max_num_seqs)
+    measured = None
+    if args.measured:
+        measured = _read_measured(args.measured)
+        if measured is None:
+            return 2
+    campaign = budget_campaign(args.model, args.gpus, args.hardware, args.isl, args.osl, args.requests,
+                               args.precision, args.max_num_seqs)
     if args.profile:
         from infscale.calibration import ProfileError, campaign_with_profile
 
@@ -736,7 +839,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             campaign, _ = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
             raise SpecError([f"infscale recommend: --profile: {err}"]) from None
-    measured = pl.read_parquet(args.measured) if args.measured else None
     options = recommend(campaign, args.ttft_p99_ms, args.tpot_p99_ms, measured)
     reason = why(options, args.osl)
     if args.json:
@@ -770,6 +872,36 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_limit(hardware: str, command: str) -> int:
+    """The most GPUs a layout may use on `hardware`: MAX_NODES whole nodes."""
+    from infscale.catalog import CatalogError, get_hardware
+
+    try:
+        return MAX_NODES * get_hardware(hardware).gpus_per_node
+    except CatalogError as err:
+        raise SpecError([f"infscale {command}: --hardware: {err}"]) from None
+
+
+def _read_measured(path: Path):  # -> polars.DataFrame | None
+    """`recommend --measured`: a merged cells.parquet with the columns the recommendation matches on; None (and
+    why, on stderr) otherwise."""
+    import polars as pl
+
+    needed = {"status", "model", "hardware", "layout", "isl_max", "osl_max", "predicted", "output_tok_s",
+              "output_tok_s_per_gpu", "ttft_ms_p99", "tpot_ms_p99"}
+    try:
+        frame = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        print(f"--measured: {path}: not a readable Parquet file of merged cells ({reason})", file=sys.stderr)
+        return None
+    missing = sorted(needed - set(frame.columns))
+    if missing:
+        print(f"--measured: {path}: not a merged cells.parquet (no column {', '.join(missing)})", file=sys.stderr)
+        return None
+    return frame
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from infscale.backends.sim.backend import SimBackend
     from infscale.campaign import campaign_from_dict
@@ -781,26 +913,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "router": args.router,
     }.items() if v is not None}
     layout = f"dp{args.dp}tp{args.tp}pp{args.pp}" + (f"ep{args.ep}" if args.ep > 1 else "")
-    requests = args.requests if args.requests == "auto" else int(args.requests)
-    mode, _, value = args.arrival.partition(":")
-    arrival: dict[str, object] = {"mode": mode}
-    if mode == "concurrency":
-        arrival["concurrency"] = int(value)
-    elif mode == "poisson":
-        arrival["rate"] = float(value)
-    from infscale.catalog import CatalogError, get_hardware
-
-    try:
-        gpus_per_node = get_hardware(args.hardware).gpus_per_node
-    except CatalogError as err:
-        raise SpecError([f"infscale predict: --hardware: {err}"]) from None
     gpus = args.dp * args.tp * args.pp
+    limit = _gpu_limit(args.hardware, "predict")
+    if gpus > limit:
+        print(f"--dp × --tp × --pp: {gpus} GPUs exceed the {limit} of {MAX_NODES} nodes of {args.hardware} "
+              f"(allowed: 1 to {limit})", file=sys.stderr)
+        return 2
+    gpus_per_node = limit // MAX_NODES
     raw = {
         "name": "predict", "backend": "sim",
         "hardware": {"name": args.hardware, "nodes": max(1, math.ceil(gpus / gpus_per_node))},
         "models": [args.model], "precision": [args.precision], "layouts": [layout],
-        "workloads": [{"name": "predict", "isl": args.isl, "osl": args.osl, "requests": requests,
-                       "arrival": arrival}],
+        "workloads": [{"name": "predict", "isl": args.isl, "osl": args.osl, "requests": args.requests,
+                       "arrival": args.arrival}],
         "engine": engine, "seed": args.seed,
     }
     campaign = campaign_from_dict(raw, source="infscale predict")

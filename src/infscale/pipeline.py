@@ -6,7 +6,7 @@ Kept here (not in the Snakefile) so the rules stay thin and this logic is unit-t
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,15 @@ class CampaignRun:
         campaign = str(self.campaign_file)
         campaign = f"./{campaign}" if campaign.startswith("-") else campaign
         return [campaign, f"--results-root={self.results_root}", f"--packing={self.packing}"]
+
+    def require_feasible(self) -> None:
+        """A campaign none of whose cells can run is an error, not a run that measures nothing."""
+        if any(item.feasible for item in self.planned):
+            return
+        reasons = Counter(item.reason for item in self.planned)
+        reason, count = reasons.most_common(1)[0] if reasons else ("no cell planned", 0)
+        raise SpecError([f"{self.campaign_file}: none of the {len(self.planned)} planned cells is feasible "
+                         f"({count} because: {reason}); nothing to measure"])
 
     def check_workflow_paths(self) -> None:
         """Snakemake reads `{...}` in a file name as a wildcard: refuse such a campaign path or results root with
