@@ -217,3 +217,231 @@ def test_ae_verify_still_accepts_a_bundle_of_its_own_files(tmp_path):
     fake_bundle(tmp_path, [entry_for(bundle / "results" / "a.txt", "results/a.txt")])
     code, out, _ = run_cli(["ae", "verify", str(bundle)])
     assert code == 0 and "OK: 1 files in the manifest" in out
+
+
+# --------------------------------------------------------------------------------------- fuzzing
+# Fixed seed (derandomize) so CI tries the same inputs each run; no example database. The counts are asserted so
+# the docs can say how many inputs were tried (docs/architecture.md, "Bad input").
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CAMPAIGN_EXAMPLES = 500
+CLI_EXAMPLES = 300
+FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
+                suppress_health_check=list(HealthCheck))
+
+# Valid campaigns that between them use every key of the schema: the mutations start from these.
+BASES: list[dict[str, Any]] = [
+    {"name": "fuzz-a", "description": "explicit layouts", "backend": "sim",
+     "hardware": {"name": "h200-sxm", "nodes": 2}, "models": ["llama-3.1-8b", "qwen2.5-32b"],
+     "precision": ["bf16", "fp8/fp8"], "layouts": ["dp1", "tp2", "dp2tp2pp2"], "requests": 16, "seed": 3,
+     "arrival": {"mode": "concurrency", "concurrency": [4, 8]},
+     "engine": {"max_num_seqs": [64, 128], "max_num_tokens": 4096, "kv_memory_fraction": 0.9,
+                "kv_block_size": 32, "router": "least_loaded", "pp_microbatches": 0},
+     "workloads": [{"name": "reason", "isl": 256, "osl": [512, 1024]},
+                   {"name": "pairs", "pairs": [[1024, 128], [64, 64]], "requests": 8, "arrival": "offline",
+                    "engine": {"max_num_seqs": 32}}]},
+    {"name": "fuzz-b", "backend": "torch", "hardware": "h100-sxm",
+     "models": [{"name": "llama-3.1-8b", "precision": "bf16", "layouts": {"gpus": [1, 2, 4], "max_pp": 2},
+                 "proxy_layers": 4},
+                {"name": "qwen3-30b-a3b", "layouts": {"gpus": [8], "expert_parallel": [False, True]}}],
+     "layouts": ["dp1"], "requests": "auto", "requests_per_slot": 2, "min_requests": 4, "max_requests": 64,
+     "arrival": {"mode": "poisson", "rate": [2.5, 10]},
+     "workloads": [{"name": "dist", "isl": {"dist": "normal", "mean": 200, "std": 50, "cap": 400, "min": 8},
+                    "osl": [{"dist": "lognormal", "median": 300, "sigma": 0.5, "cap": 2000}, 128]}]},
+]
+
+ODD_VALUES = st.one_of(
+    st.sampled_from([True, False, None, 0, -1, 1, 3, 2**31, 2**63, 2**64, 2**70, -(2**70), 10**9, 1e308, -0.0, 0.5,
+                     float("inf"), float("-inf"), float("nan"), "", "auto", "x" * 300, "dp1", "tp3", "pp0", "fp8",
+                     "int4", "poisson", "concurrency", "normal", "☃", "a\x00b", "\ud7ff", [], {}, [0], [1, 2],
+                     [[1, 2, 3]], {"gpus": [10**9]}, {"gpus": [1024]}, {"dist": "fixed"}, b"\xff\xfe\x00"]),
+    st.integers(), st.floats(), st.text(max_size=20), st.binary(max_size=12),
+    st.lists(st.integers(min_value=-3, max_value=10**6), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(min_value=-3, max_value=100), max_size=2),
+)
+
+
+def key_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every place in a nested dict/list a mutation can hit."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += key_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            paths += key_paths(item, (*prefix, index))
+    return paths
+
+
+def mutate(raw: Any, path: tuple, action: str, value: Any) -> Any:
+    """`raw` with the item at `path` replaced, deleted, or given an extra (unknown) key."""
+    if not path:
+        return value
+    parent = raw
+    for key in path[:-1]:
+        parent = parent[key]
+    last = path[-1]
+    if action == "delete":
+        del parent[last]
+    elif action == "extra" and isinstance(parent[last], dict):
+        parent[last]["unknwn_key"] = value
+    else:
+        parent[last] = value
+    return raw
+
+
+@st.composite
+def campaign_texts(draw) -> bytes:
+    """A campaign file: a valid one with one to three mutations, or its YAML text damaged byte-wise."""
+    raw = copy.deepcopy(draw(st.sampled_from(BASES)))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        paths = key_paths(raw)
+        if not paths:
+            break
+        raw = mutate(raw, draw(st.sampled_from(paths)), draw(st.sampled_from(["replace", "replace", "delete",
+                                                                             "extra"])), copy.deepcopy(draw(ODD_VALUES)))
+    text = yaml.safe_dump(raw, allow_unicode=True).encode("utf-8", "surrogatepass")
+    damage = draw(st.sampled_from(["none", "none", "bytes", "truncate", "duplicate-line"]))
+    if damage == "bytes":
+        at = draw(st.integers(min_value=0, max_value=len(text)))
+        text = text[:at] + draw(st.binary(min_size=1, max_size=8)) + text[at:]
+    elif damage == "truncate":
+        text = text[:draw(st.integers(min_value=0, max_value=len(text)))]
+    elif damage == "duplicate-line":
+        lines = text.splitlines(keepends=True)
+        line = draw(st.sampled_from(lines)) if lines else b""
+        text = text + line
+    return text
+
+
+def assert_success_or_clear_error(argv: list[str], status: int, out: str, err: str, source: str | None = None) -> None:
+    """Exit 0, or 1/2 with the reason: on stderr (each line starting with the campaign file, when one is given), or
+    as the verdict on stdout (`ae compare`/`ae verify` exit 1 when the files disagree)."""
+    assert status in (0, 1, 2), (argv, status, err)
+    assert "Traceback" not in err, (argv, err)
+    lines = err.strip().splitlines()
+    assert all(line.strip() for line in lines), (argv, err)
+    if status != 0:
+        assert lines or (status == 1 and out.strip()), f"{argv}: exit {status} without saying why"
+        if source is not None:
+            assert all(line.startswith((source, "infscale")) for line in lines), (argv, lines)
+
+
+def test_fuzzed_campaign_files_plan_or_fail_clearly(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz-campaigns")
+    config, results = folder / "campaign.yaml", folder / "results"
+    tried: list[int] = []
+
+    @settings(FUZZ, max_examples=CAMPAIGN_EXAMPLES)
+    @given(text=campaign_texts(), write=st.booleans(), per_cell=st.booleans())
+    def one(text: bytes, write: bool, per_cell: bool) -> None:
+        tried.append(1)
+        config.write_bytes(text)
+        argv = ["plan", str(config), "--results-root", str(results)] + ["--write"] * write + ["--cells"] * per_cell
+        status, out, err = run_cli(argv, limit_s=20)
+        assert_success_or_clear_error(argv, status, out, err, str(config))
+
+    one()
+    assert len(tried) >= CAMPAIGN_EXAMPLES
+
+
+REFERENCE = REPO / "results" / "reference"
+PROFILE = REFERENCE / "profiles" / "h100-sxm.torch.2026-11-27c.yaml"
+FLAG_VALUES = st.one_of(
+    st.sampled_from(["", "0", "-1", "1", "8", "auto", "nan", "inf", "-inf", "1e3", "0.5", str(2**70), "abc", "☃",
+                     "concurrency:", "poisson:0", "offline:1", "tp3", "int4", "nope", "/nonexistent", "-", "--json",
+                     "x=nan", str(REPO / "README.md"), str(REPO / "config"), str(PROFILE)]),
+    st.text(st.characters(exclude_characters="\x00"), max_size=12),  # no argument can hold a NUL byte
+    st.integers(min_value=-10, max_value=10**12).map(str))
+# Values a user would plausibly give (valid or at the edge): drawn most of the time, so the fuzz reaches past
+# argument parsing into the commands themselves. Nothing here lets a command write into the repository.
+PLAUSIBLE: dict[str, list[str]] = {
+    "--model": ["llama-3.1-8b", "qwen2.5-32b", "qwen3-30b-a3b", str(REPO / "tests" / "data" / "hf" /
+                                                                  "llama-3.1-8b-instruct.json")],
+    "--hardware": ["h200-sxm", "h100-sxm"], "--precision": ["bf16", "fp8", "fp8/fp8"],
+    "--dp": ["1", "2", "8"], "--tp": ["1", "2", "4", "8"], "--pp": ["1", "2"], "--ep": ["1", "2"],
+    "--isl": ["1", "64", "1024", "131072"], "--osl": ["1", "64", "2048"], "--gpus": ["1", "2", "8", "16"],
+    "--requests": ["auto", "1", "16"], "--arrival": ["offline", "concurrency:4", "poisson:2.5"],
+    "--max-num-seqs": ["1", "64", "256"], "--max-num-tokens": ["16", "8192"], "--kv-memory-fraction": ["0.5", "1"],
+    "--kv-block-size": ["16", "64"], "--router": ["round_robin", "least_loaded"], "--seed": ["0", "7"],
+    "--ttft-p99-ms": ["100", "2000"], "--tpot-p99-ms": ["5", "40"], "--profile": [str(PROFILE)],
+    "--measured": [str(REFERENCE / "gpu-node" / "cells.parquet"), str(REFERENCE / "gpu-node" / "fits.parquet"),
+                   str(REPO / "README.md")],
+    "--results-root": ["results", "r"], "--packing": ["auto", "layout", "model"],
+    "--validation": [str(REFERENCE / "gpu-node" / "validation.parquet"), str(REFERENCE / "gpu-node" / "cells.parquet"),
+                     str(REPO / "README.md")],
+    "--out": ["out", "out/x.yaml"], "--engine": ["torch"], "--name": ["fuzz"],
+    "--microbench": [str(REFERENCE / "profiles" / "h100-sxm-x4.2026-11-27c.microbench.json"),
+                     str(REFERENCE / "profiles" / "h100-sxm.torch.2026-11-27c.yaml")],
+    "--roofline": [str(REFERENCE / "profiles" / "h100-sxm-x4.2026-11-27.torch_decode_roofline.json")],
+    "--moe-block": [str(REFERENCE / "profiles" / "h100-sxm-x4.2026-11-27.moe-block.json")],
+    "--cache": ["cache"], "--budget-gb": ["0", "1.5"], "--keep": ["", "abc"], "--target": ["cpu", "1gpu"],
+    "--osl-max": ["64", "1024"], "--max-requests": ["1", "16"], "--tol": ["output_tok_s=0.1", "ttft_ms_p50=0"],
+    "--match": ["spec", "shape"],
+    "CONFIG": [str(REPO / "config" / "demo.yaml"), str(REPO / "config" / "gpu-node.yaml"), "small.yaml"],
+    "ACTION": ["list", "gc"], "PATH": [str(REFERENCE / "gpu-node"), str(REFERENCE / "gpu-node-pipelined")],
+}
+COMMANDS: dict[tuple[str, ...], list[str]] = {
+    ("predict",): ["--model", "--isl", "--osl", "--hardware", "--precision", "--dp", "--tp", "--pp", "--ep",
+                   "--requests", "--arrival", "--max-num-seqs", "--max-num-tokens", "--kv-memory-fraction",
+                   "--kv-block-size", "--router", "--seed", "--profile", "--json"],
+    ("recommend",): ["--model", "--gpus", "--isl", "--osl", "--hardware", "--precision", "--requests",
+                     "--max-num-seqs", "--ttft-p99-ms", "--tpot-p99-ms", "--profile", "--measured", "--json"],
+    ("plan", "CONFIG"): ["--results-root", "--packing", "--cells"],
+    ("status", "CONFIG"): ["--results-root", "--packing"],
+    ("summary", "CONFIG"): ["--results-root"],
+    ("validate", "CONFIG"): ["--results-root", "--profile"],
+    ("extrapolate", "CONFIG"): ["--validation", "--profile", "--out"],
+    ("calibrate",): ["--hardware", "--microbench", "--name", "--out", "--engine", "--roofline", "--moe-block"],
+    ("engines", "ACTION"): ["--cache", "--budget-gb", "--keep"],
+    ("ae", "verify", "PATH"): [],
+    ("ae", "reduce", "CONFIG"): ["--target", "--osl-max", "--max-requests"],
+    ("ae", "compare", "PATH", "PATH"): ["--tol", "--match", "--json"],
+}
+REQUIRED = {"predict": 3, "recommend": 4, "calibrate": 4}  # the first N flags of these commands are required
+
+
+@st.composite
+def command_lines(draw) -> list[str]:
+    """A command with its words and some of its flags; values mostly plausible, otherwise anything."""
+    def value(name: str) -> str:
+        return draw(st.sampled_from(PLAUSIBLE[name])) if draw(st.integers(0, 9)) < 7 else draw(FLAG_VALUES)
+
+    words, flags = draw(st.sampled_from(list(COMMANDS.items())))
+    argv = [value(word) if word.isupper() else word for word in words]
+    required = flags[:REQUIRED.get(words[0], 0)]
+    chosen = [f for f in required if draw(st.integers(0, 9)) < 9]
+    chosen += draw(st.lists(st.sampled_from(flags), max_size=5, unique=True)) if flags else []
+    for flag in dict.fromkeys(chosen):
+        if flag in ("--json", "--cells"):
+            argv.append(flag)
+            continue
+        given = value(flag)
+        argv += [f"{flag}={given}"] if given.startswith("-") else [flag, given]
+    return argv
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_fuzzed_command_lines_succeed_or_fail_clearly(tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.mktemp("fuzz-cli")
+    monkeypatch.chdir(folder)  # relative paths (results, out, cache) land here
+    (folder / "small.yaml").write_text(yaml.safe_dump(CAMPAIGN))
+    (folder / "cache").mkdir()
+    reference = files_of(REFERENCE)
+    tried: list[int] = []
+
+    @settings(FUZZ, max_examples=CLI_EXAMPLES)
+    @given(argv=command_lines())
+    def one(argv: list[str]) -> None:
+        tried.append(1)
+        status, out, err = run_cli(argv, limit_s=30)
+        assert_success_or_clear_error(argv, status, out, err)
+
+    one()
+    assert len(tried) >= CLI_EXAMPLES
+    assert files_of(REFERENCE) == reference  # the committed results were only read

@@ -546,7 +546,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             campaign, profile = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
-            print(err, file=sys.stderr)
+            print(f"--profile: {err}", file=sys.stderr)
             return 2
     merged = run.merge()
     frame = validate(campaign, run.planned, merged, profile.fitted_on if profile else [])
@@ -591,10 +591,14 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     try:
         if args.profile:
             campaign, profile = campaign_with_profile(campaign, args.profile)
+    except ProfileError as err:
+        print(f"--profile: {err}", file=sys.stderr)
+        return 2
+    try:
         validation = pl.read_parquet(args.validation)
         bands = error_bands(validation)
-    except (ProfileError, ExtrapolationError) as err:
-        print(err, file=sys.stderr)
+    except (ExtrapolationError, pl.exceptions.PolarsError) as err:
+        print(f"--validation: {args.validation}: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     recorded = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     table = extrapolate(campaign, plan_campaign(campaign), bands, args.validation.name,
@@ -624,6 +628,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         hardware = get_hardware(args.hardware)
+    except CatalogError as err:
+        print(f"--hardware: {err}", file=sys.stderr)
+        return 2
+    try:
         moe_block = read_json(args.moe_block) if args.moe_block else None
         roofline = read_json(args.roofline) if args.roofline else None
         efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), roofline, moe_block)

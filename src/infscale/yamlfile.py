@@ -58,8 +58,9 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     try:
         data = path.read_bytes()
-    except OSError as err:
-        raise YamlFileError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise YamlFileError(f"{path!s:.200}: cannot read the {what} ({getattr(err, 'strerror', None) or err})") \
+            from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

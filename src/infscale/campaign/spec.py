@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,7 +32,7 @@ from infscale.yamlfile import YamlFileError, read_yaml
 DTYPES = ("bf16", "fp8")
 # Upper bounds that keep every count a 64-bit integer and every loop of the planner and the simulator finite.
 MAX_NODES = 1024                # nodes one layout may use (bounds layout enumeration: nodes × GPUs per node)
-MAX_REQUESTS = 10_000_000       # requests of one cell
+MAX_REQUESTS = 1_000_000        # requests of one cell (also bounds the simulator's work per cell)
 MAX_TOKENS = 1_000_000_000      # any length parameter, in tokens
 MAX_SEED = 2**63 - 1
 BACKENDS = ("sim", "torch", "trtllm")
@@ -42,8 +43,13 @@ class SpecError(ValueError):
     """An invalid campaign file. `lines` holds one line per problem: `file: key: what is wrong`."""
 
     def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
+        self.lines = [_printable(line) for line in lines]
+        super().__init__("\n".join(self.lines))
+
+
+def _printable(text: str) -> str:
+    """One line, whatever the file held: control characters (a key with a newline in it) shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 TokenCount = Annotated[int, Field(gt=0, le=MAX_TOKENS)]
@@ -745,7 +751,8 @@ def _location(loc: tuple[Any, ...]) -> str:
         elif _is_union_tag(part):
             continue
         else:
-            text += ("." if text else "") + str(part)
+            name = str(part)
+            text += ("." if text else "") + (name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else repr(name))
     return text or "<top level>"
 
 
