@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 from infscale.launch.engines import engine_flow, engines_of_job
-from infscale.pipeline import CampaignRun
+from infscale.pipeline import CampaignRun, check_config_files
+
+check_config_files(workflow.configfiles)
 
 CAMPAIGN = CampaignRun(
     campaign_file=Path(config.get("campaign", "config/demo.yaml")),

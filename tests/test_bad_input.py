@@ -95,6 +95,7 @@ RECOMMEND = ["recommend", "--model", "llama-3.1-8b", "--isl", "64", "--osl", "64
     (RECOMMEND + ["--gpus", "8", "--measured", str(REPO / "README.md")], "--measured:"),
     (["status", "config/demo.yaml", "--watch", "-1"], "argument --watch"),
     (["engines", "gc", "--cache", ".", "--budget-gb", "nan"], "argument --budget-gb"),
+    (["calibrate", "--hardware", "h100-sxm", "--microbench", "x.json", "--name", "n", "--out", ""], "argument --out"),
 ], ids=lambda value: " ".join(value[-2:]) if isinstance(value, list) else None)
 def test_bad_arguments_are_one_line_naming_the_flag(argv, named):
     assert named in one_line_error(argv)
@@ -168,6 +169,19 @@ def test_duplicate_keys_in_launcher_settings_and_profiles_are_errors(tmp_path):
         load_profile(profile)
     config = campaign_file(tmp_path, hardware={"name": "h200-sxm", "profile": str(profile)})
     assert "hardware.profile: " in one_line_error(["plan", str(config)])
+
+
+def test_a_config_file_with_a_key_twice_stops_the_workflow(tmp_path):
+    """Snakemake reads --configfile itself (the last of two keys wins); the Snakefile reads it again strictly."""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("launcher:\n  executor: debug\n  executor: slurm\n")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n",
+                             "--directory", str(tmp_path), "--configfile", str(settings), "--config",
+                             f"campaign={campaign_file(tmp_path)}", f"results_root={tmp_path / 'results'}"],
+                            capture_output=True, text=True, timeout=300)
+    printed = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{settings}: not valid YAML (line 3, column 3): key 'executor' is given twice" in printed
 
 
 # --------------------------------------------------------------------------------------- ae verify
@@ -275,6 +289,25 @@ def key_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     return paths
 
 
+WORDS = sorted({leaf for base in BASES for leaf in json.dumps(base).replace('"', " ").replace(",", " ").split()
+                if leaf.isidentifier() or "-" in leaf or "/" in leaf})
+
+
+def nearby(draw, current: Any) -> Any:
+    """A value of the same kind as `current`, often still valid: the fuzz also reaches the planner."""
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, int):
+        return draw(st.sampled_from([current * 2, current // 2, current + 1, current - 1, current * 1024, 0, -current]))
+    if isinstance(current, float):
+        return draw(st.sampled_from([current * 2, current / 2, current * 1e6, 0.0, -current, 1.0]))
+    if isinstance(current, str):
+        return draw(st.sampled_from(WORDS))
+    if isinstance(current, list):
+        return draw(st.sampled_from([current * 2, current[:1], current[::-1], []]))
+    return current
+
+
 def mutate(raw: Any, path: tuple, action: str, value: Any) -> Any:
     """`raw` with the item at `path` replaced, deleted, or given an extra (unknown) key."""
     if not path:
@@ -294,16 +327,25 @@ def mutate(raw: Any, path: tuple, action: str, value: Any) -> Any:
 
 @st.composite
 def campaign_texts(draw) -> bytes:
-    """A campaign file: a valid one with one to three mutations, or its YAML text damaged byte-wise."""
+    """A campaign file: a valid one with up to three mutations (odd values, or values of the same kind that may
+    still be valid), and sometimes its YAML text damaged byte-wise."""
     raw = copy.deepcopy(draw(st.sampled_from(BASES)))
-    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
         paths = key_paths(raw)
         if not paths:
             break
-        raw = mutate(raw, draw(st.sampled_from(paths)), draw(st.sampled_from(["replace", "replace", "delete",
-                                                                             "extra"])), copy.deepcopy(draw(ODD_VALUES)))
+        path = draw(st.sampled_from(paths))
+        action = draw(st.sampled_from(["nearby", "nearby", "replace", "delete", "extra"]))
+        if action == "nearby":
+            current = raw
+            for key in path:
+                current = current[key]
+            value = nearby(draw, current)
+        else:
+            value = draw(ODD_VALUES)
+        raw = mutate(raw, path, action, copy.deepcopy(value))
     text = yaml.safe_dump(raw, allow_unicode=True).encode("utf-8", "surrogatepass")
-    damage = draw(st.sampled_from(["none", "none", "bytes", "truncate", "duplicate-line"]))
+    damage = draw(st.sampled_from(["none", "none", "none", "bytes", "truncate", "duplicate-line"]))
     if damage == "bytes":
         at = draw(st.integers(min_value=0, max_value=len(text)))
         text = text[:at] + draw(st.binary(min_size=1, max_size=8)) + text[at:]
@@ -372,7 +414,7 @@ PLAUSIBLE: dict[str, list[str]] = {
     "--results-root": ["results", "r"], "--packing": ["auto", "layout", "model"],
     "--validation": [str(REFERENCE / "gpu-node" / "validation.parquet"), str(REFERENCE / "gpu-node" / "cells.parquet"),
                      str(REPO / "README.md")],
-    "--out": ["out", "out/x.yaml"], "--engine": ["torch"], "--name": ["fuzz"],
+    "--out": ["out", "out/x.yaml", "", "."], "--engine": ["torch"], "--name": ["fuzz"],
     "--microbench": [str(REFERENCE / "profiles" / "h100-sxm-x4.2026-11-27c.microbench.json"),
                      str(REFERENCE / "profiles" / "h100-sxm.torch.2026-11-27c.yaml")],
     "--roofline": [str(REFERENCE / "profiles" / "h100-sxm-x4.2026-11-27.torch_decode_roofline.json")],
@@ -380,7 +422,8 @@ PLAUSIBLE: dict[str, list[str]] = {
     "--cache": ["cache"], "--budget-gb": ["0", "1.5"], "--keep": ["", "abc"], "--target": ["cpu", "1gpu"],
     "--osl-max": ["64", "1024"], "--max-requests": ["1", "16"], "--tol": ["output_tok_s=0.1", "ttft_ms_p50=0"],
     "--match": ["spec", "shape"],
-    "CONFIG": [str(REPO / "config" / "demo.yaml"), str(REPO / "config" / "gpu-node.yaml"), "small.yaml"],
+    # not the demo: `extrapolate` predicts all its 1,029 cells, honest work that takes longer than the time limit
+    "CONFIG": [str(REPO / "config" / "gpu-node.yaml"), str(REPO / "config" / "h100-node.yaml"), "small.yaml"],
     "ACTION": ["list", "gc"], "PATH": [str(REFERENCE / "gpu-node"), str(REFERENCE / "gpu-node-pipelined")],
 }
 COMMANDS: dict[tuple[str, ...], list[str]] = {

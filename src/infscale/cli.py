@@ -41,25 +41,30 @@ def _natural(text: str) -> int:
     return _whole(text, 0)
 
 
-def _positive(text: str) -> float:
-    """A finite number above 0 (a time, a size)."""
+def _finite(text: str, zero_allowed: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 (got {text!r})")
+    if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'≥' if zero_allowed else '>'} 0 (got {text!r})")
     return value
+
+
+def _positive(text: str) -> float:
+    """A finite number above 0 (a time, a size)."""
+    return _finite(text, zero_allowed=False)
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0 (got {text!r})")
-    return value
+    return _finite(text, zero_allowed=True)
+
+
+def _output_file(text: str) -> Path:
+    """A file to write: a name, not a folder."""
+    if not text.strip() or text.endswith("/") or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"expected the path of a file to write, not a folder (got {text!r})")
+    return Path(text)
 
 
 def _requests(text: str) -> int | str:
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="write results/<campaign>/report.html: figures, summary, claims, "
                                  "fits and provenance in one self-contained file")
     _campaign_args(report)
-    report.add_argument("--out", type=Path, help="where to write the report (default: results/<campaign>/report.html)")
+    report.add_argument("--out", type=_output_file,
+                        help="where to write the report (default: results/<campaign>/report.html)")
 
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--train-models", default="", help="comma-separated models of --fit to fit on "
                            "(the others are held out)")
     calibrate.add_argument("--name", required=True, help="profile name, e.g. h100-sxm.torch.2026-11-27")
-    calibrate.add_argument("--out", type=Path, required=True)
+    calibrate.add_argument("--out", type=_output_file, required=True)
 
     engines = commands.add_parser("engines", help="list or garbage-collect a TensorRT-LLM engine cache")
     engines.add_argument("action", choices=("list", "gc"))
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ae_reduce.add_argument("--target", choices=("cpu", "1gpu"), default="cpu")
     ae_reduce.add_argument("--osl-max", type=_count, default=1024, help="1gpu: longest OSL kept")
     ae_reduce.add_argument("--max-requests", type=_count, default=16, help="1gpu: requests per cell at most")
-    ae_reduce.add_argument("--out", type=Path, help="campaign file to write (default: print it)")
+    ae_reduce.add_argument("--out", type=_output_file, help="campaign file to write (default: print it)")
     ae_compare = ae_commands.add_parser("compare", help="match cells by spec; per metric, which are within the "
                                         "tolerance band; whether each claim's verdict is the same")
     ae_compare.add_argument("reference", type=Path, help="a bundle, or a results directory with cells.parquet")

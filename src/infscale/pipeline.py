@@ -140,6 +140,18 @@ class CampaignRun:
         return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
+def check_config_files(paths: list) -> None:
+    """Snakemake reads its config files (e.g. profiles/slurm/settings.yaml) with a loader that keeps the last of
+    a key given twice; read them again strictly so such a file is an error naming the key."""
+    from infscale.yamlfile import YamlFileError, read_yaml
+
+    for path in paths:
+        try:
+            read_yaml(path, "config file")
+        except YamlFileError as err:
+            raise SpecError([str(err)]) from None
+
+
 # ------------------------------------------------------------------------------------- the analysis steps
 # One function per derived file, shared by the command line (`infscale merge / fit / claims`) and
 # `infscale ae regenerate`, so a regenerated table comes from exactly the code that wrote the original.

@@ -35,6 +35,7 @@ MAX_NODES = 1024                # nodes one layout may use (bounds layout enumer
 MAX_REQUESTS = 1_000_000        # requests of one cell (also bounds the simulator's work per cell)
 MAX_TOKENS = 1_000_000_000      # any length parameter, in tokens
 MAX_SEED = 2**63 - 1
+MAX_PP = 4096                   # pipeline stages or micro-batches (far above any model's layer count)
 BACKENDS = ("sim", "torch", "trtllm")
 ROUTERS = ("round_robin", "least_loaded")
 
@@ -203,7 +204,7 @@ class EngineKnobs(_Strict):
     kv_block_size: int = Field(default=16, gt=0, le=1_048_576, description="tokens per KV block [tokens_per_block]")
     router: Literal["round_robin", "least_loaded"] = "round_robin"
     pp_microbatches: int | None = Field(
-        default=None, ge=0, le=4096,
+        default=None, ge=0, le=MAX_PP,
         description="micro-batches a PP replica's decode step is split into, pipelined over its stages: 0 one per "
         "stage, n at most n (1: the stages in turn); None: the engine's own schedule (sim: the hardware profile's, "
         "by default one per stage; torch: 1; TensorRT-LLM schedules them itself and takes no value). The torch "
@@ -258,7 +259,7 @@ class LayoutSweep(_Strict):
 
     gpus: list[Annotated[int, Field(gt=0)]] = Field(min_length=1, description="GPU counts; each at most the "
                                                     "target's nodes × GPUs per node")
-    max_pp: int | None = Field(default=None, gt=0, le=MAX_NODES * 72)
+    max_pp: int | None = Field(default=None, gt=0, le=MAX_PP)
     expert_parallel: list[bool] = Field(default_factory=lambda: [False], description="MoE: also ep = tp")
 
     def layouts(self, model: ModelArch, hardware: Hardware, nodes: int) -> list[Layout]:
