@@ -250,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ae_verify = ae_commands.add_parser("verify", help="check every file of a bundle against its manifest")
     ae_verify.add_argument("bundle", type=Path)
     ae_regen = ae_commands.add_parser("regenerate", help="rebuild fits, claims (figures, report) from a bundle's "
-                                      "cells, no GPU; check the tables are identical")
+                                      "cells, no GPU; check them against the bundled ones (tables: floats "
+                                      "within --rel-tol, the rest exactly)")
     ae_regen.add_argument("bundle", type=Path)
     ae_regen.add_argument("--out", type=Path, help="default: BUNDLE/regenerated")
+    ae_regen.add_argument("--rel-tol", type=_relative_tolerance, default=None, metavar="REL",
+                          help="relative tolerance of the tables' floats (integers and strings compare exactly); "
+                          "default 1e-9 (infscale.ae.tables.REL_TOL)")
     ae_reduce = ae_commands.add_parser("reduce", help="derive a reduced-scale campaign (CPU with the sim backend, "
                                        "or one GPU) and print its expected wall time")
     ae_reduce.add_argument("config", type=Path)
@@ -323,6 +327,13 @@ def _campaign_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-root", type=Path, default=Path("results"))
     parser.add_argument("--packing", default="auto", choices=("auto", "layout", "model"),
                         help="bench job per layout (GPU backends) or per model; auto: model for sim, else layout")
+
+
+def _relative_tolerance(text: str) -> float:
+    try:
+        return _non_negative(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a relative tolerance of 0 or more, e.g. 1e-9") from None
 
 
 def _campaign_run(args: argparse.Namespace):
@@ -474,7 +485,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     run = _campaign_run(args)
     frame = write_merge(run)
     print(f"merged {frame.height} cells into {run.merged_file}")
+    _warn_file_problems(frame, run.summary_file)
     return 0
+
+
+def _warn_file_problems(frame, summary_file: Path) -> bool:
+    """One line on stderr when merged cells have a missing, damaged or misnamed file; True when any has."""
+    from infscale.results.schemas import FILE_PROBLEMS
+
+    counts = dict(frame.group_by("status").len().iter_rows())
+    if not any(counts.get(status) for status in FILE_PROBLEMS):
+        return False
+    print("warning: cell files need attention: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in FILE_PROBLEMS)
+          + f" (listed in {summary_file}); rerun the campaign to measure the missing and damaged cells again",
+          file=sys.stderr)
+    return True
 
 
 def _read_merged(run):  # -> polars.DataFrame | None
@@ -702,11 +727,19 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"{run.summary_file} does not exist yet; run the campaign first", file=sys.stderr)
         return 1
     print(run.summary_file.read_text())
+    check = run.check_cells()  # the files now, which may have changed since summary.md was written
+    if check.problems:
+        print(f"warning: cell files need attention now: {check.counts()}; rerun the campaign to measure the "
+              "missing and damaged cells again", file=sys.stderr)
+        for line in check.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from infscale.launch.registry import LockHeld, driver_lock
+    from infscale.launch.snakemake_lock import stale_lock
     from infscale.pipeline import CampaignRun
 
     run = CampaignRun(args.config, args.results_root, "auto")
@@ -725,18 +758,36 @@ def cmd_run(args: argparse.Namespace) -> int:
                                          "results_root": str(args.results_root.resolve())}, indent=1))
     config = ["--configfile", *([str(args.settings.resolve())] if args.settings else []), str(paths.resolve())]
     extra = list(args.snakemake_args)
+    say = lambda line: print(f"infscale run: {line}", file=sys.stderr)  # noqa: E731
     try:
-        with driver_lock(run.results_dir / "jobs" / "driver.lock", f"campaign {run.campaign.name}"):
-            if (workdir / ".snakemake" / "locks").is_dir() and any((workdir / ".snakemake" / "locks").iterdir()):
-                # we hold the campaign lock, so whoever left Snakemake's lock is dead
+        with driver_lock(run.results_dir / "jobs" / "driver.lock", f"campaign {run.campaign.name}", log=say):
+            if stale_lock(workdir):  # refuses (LockHeld) while a live snakemake holds it: launch/snakemake_lock.py
                 subprocess.call([*base, *config, "--unlock"], stdout=subprocess.DEVNULL)
-            status = subprocess.call([*base, *config, *extra])
+                say(f"removed the Snakemake lock of {workdir}: the snakemake that held it is gone")
+            # --rerun-incomplete: a driver killed mid-run leaves its jobs' outputs marked incomplete; every infscale
+            # output is written atomically (complete or absent) and its job is safe to run again
+            status = subprocess.call([*base, *config, "--rerun-incomplete", *extra], preexec_fn=_stop_with(os.getpid()))
     except LockHeld as err:
         print(err, file=sys.stderr)
         return 1
     if status == 0 and run.summary_file.exists():
         print(run.summary_file.read_text())
     return status
+
+
+def _stop_with(parent: int):
+    """For the Snakemake child of `infscale run` (preexec_fn): SIGTERM when `parent` dies, even by SIGKILL (Linux
+    prctl PR_SET_PDEATHSIG), so that no workflow goes on unwatched; Snakemake then finishes its running jobs and
+    exits, releasing its lock."""
+    def arm() -> None:
+        if sys.platform == "linux":
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+    return arm
 
 
 def cmd_ae(args: argparse.Namespace) -> int:
@@ -760,6 +811,10 @@ def cmd_ae_bundle(args: argparse.Namespace) -> int:
                          profiles_dir=args.profiles, container_digest=args.container_digest, tolerances=tolerances)
     print(f"{bundle.directory}: {bundle.files} files, {bundle.bytes / 2**20:.1f} MiB (manifest.json, ARTIFACT.md)")
     print(f"{bundle.tarball}: {bundle.tarball.stat().st_size / 2**20:.1f} MiB")
+    if bundle.git_tree_dirty:
+        print(f"warning: the code has uncommitted changes on top of commit {bundle.git_commit}; ARTIFACT.md and "
+              "manifest.json (git_tree_dirty) say so. Commit them and bundle again to give reviewers a commit that "
+              "is the code", file=sys.stderr)
     return 0
 
 
@@ -773,8 +828,9 @@ def cmd_ae_verify(args: argparse.Namespace) -> int:
 
 def cmd_ae_regenerate(args: argparse.Namespace) -> int:
     from infscale.ae.regenerate import regenerate
+    from infscale.ae.tables import REL_TOL
 
-    result = regenerate(args.bundle, args.out)
+    result = regenerate(args.bundle, args.out, REL_TOL if args.rel_tol is None else args.rel_tol)
     print("\n".join(result.lines()))
     return 0 if result.ok else 1
 

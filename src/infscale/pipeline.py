@@ -127,12 +127,23 @@ class CampaignRun:
             write_text_atomic(path, text)
         return path
 
-    def merge(self):  # -> polars.DataFrame
-        """The merged cells (analysis/merge.py), read through the bench jobs' summary files where they exist."""
+    def merge(self, repair: bool = False):  # -> polars.DataFrame
+        """The merged cells (analysis/merge.py), read through the bench jobs' summary files where they exist;
+        with `repair`, damaged cell files are moved aside and stale job summaries removed (check_cells)."""
         from infscale.analysis.merge import merge_cells
 
         return merge_cells(self.planned, self.results_dir, self.campaign.hardware.gpus_per_node,
-                           [self.job_summary(job) for job in self.jobs()])
+                           [self.job_summary(job) for job in self.jobs()], repair)
+
+    def check_cells(self, repair: bool = False):  # -> results.integrity.CellCheck
+        """Check every feasible cell's file and the bench jobs' summaries (results/integrity.py). The Snakefile
+        runs this with `repair` before building the DAG: a damaged file is moved to damaged/, and a job whose
+        summary lists a cell no longer intact loses that summary, so Snakemake runs the job again."""
+        from infscale.results.integrity import check_cells
+
+        expected = {item.cell.id: (item.cell.spec_hash, item.cell.spec_json)
+                    for items in self.jobs().values() for item in items}
+        return check_cells(self.results_dir, expected, [self.job_summary(job) for job in self.jobs()], repair)
 
     def job_signature(self, job: str) -> str:
         """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""
@@ -163,7 +174,7 @@ def write_merge(run: CampaignRun):  # -> polars.DataFrame
     from infscale.analysis.summary import summary_markdown
     from infscale.results.io import write_text_atomic
 
-    frame = run.merge()
+    frame = run.merge(repair=True)
     write_merged(frame, run.merged_file, run.campaign.config_hash)
     text = summary_markdown(frame, run.campaign.name, run.campaign.spec.backend, run.campaign.hardware.name,
                             run.campaign.hardware.gpus_per_node)
