@@ -753,7 +753,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # quotes and reads the value as YAML (a path with ': ' or ' #' would not arrive as written).
     from infscale.results.io import write_text_atomic
 
-    paths = run.results_dir / "jobs" / "run-config.json"
+    paths = run.results_dir / "run-config.json"  # beside launcher.json; jobs/*.json are registry records
     write_text_atomic(paths, json.dumps({"campaign": str(args.config.resolve()),
                                          "results_root": str(args.results_root.resolve())}, indent=1))
     config = ["--configfile", *([str(args.settings.resolve())] if args.settings else []), str(paths.resolve())]
