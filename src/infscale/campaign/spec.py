@@ -30,6 +30,12 @@ from infscale.catalog import CatalogError, Hardware, ModelArch, get_hardware, re
 DTYPES = ("bf16", "fp8")
 BACKENDS = ("sim", "torch", "trtllm")
 ROUTERS = ("round_robin", "least_loaded")
+ENGINES = ("trtllm", "torch")   # what the sim's step model stands for (SimSettings.engine)
+# Knob defaults of an engine where the campaign leaves a knob unset: TensorRT-LLM as trtllm-bench configures it
+# (BuildConfig's max_batch_size 2048 and max_num_tokens 8192, tokens_per_block 32); others take EngineKnobs'.
+ENGINE_KNOB_DEFAULTS: dict[str | None, dict[str, object]] = {
+    "trtllm": {"max_num_seqs": 2048, "max_num_tokens": 8192, "kv_block_size": 32},
+}
 
 
 class SpecError(ValueError):
@@ -185,6 +191,13 @@ class EngineKnobs(_Strict):
         "by default one per stage; torch: 1; TensorRT-LLM schedules them itself and takes no value). The torch "
         "engine takes 0, 1 or pp. Ignored (and left out of the cell) where pp = 1",
     )
+    scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] | None = Field(
+        default=None,
+        description="KV capacity scheduling [trtllm-bench --scheduler_policy]: guaranteed_no_evict admits a request "
+        "only when its whole sequence fits (never preempts); max_utilization admits while blocks are free and "
+        "preempts the newest request when they run out. None: the engine's own (TensorRT-LLM: guaranteed_no_evict; "
+        "the torch engine and the sim's roofline model: max_utilization)",
+    )
 
 
 class EngineSweep(_Strict):
@@ -196,13 +209,15 @@ class EngineSweep(_Strict):
     kv_block_size: int | list[int] | None = None
     router: str | list[str] | None = None
     pp_microbatches: int | list[int] | None = None
+    scheduler_policy: str | list[str] | None = None
 
     def merged_over(self, base: "EngineSweep") -> "EngineSweep":
         ours = self.model_dump(exclude_none=True)
         return EngineSweep(**{**base.model_dump(exclude_none=True), **ours})
 
-    def expand(self) -> list[EngineKnobs]:
-        values = self.model_dump(exclude_none=True)
+    def expand(self, defaults: dict[str, object] | None = None) -> list[EngineKnobs]:
+        """Every combination of the swept knobs; unset knobs take `defaults` (an engine's), then EngineKnobs'."""
+        values = {**(defaults or {}), **self.model_dump(exclude_none=True)}
         combos: list[dict[str, Any]] = [{}]
         for key, value in values.items():
             combos = [{**c, key: v} for c in combos for v in _as_list(value)]
@@ -307,6 +322,18 @@ class Workload(_Strict):
         return [(self.isl, osl) for osl in self.osl]  # type: ignore[misc]
 
 
+class SimSettings(_Strict):
+    """`sim:` — how the `sim` backend (and every prediction of a campaign) models an iteration."""
+
+    engine: Literal["trtllm", "torch"] | None = Field(
+        default=None,
+        description="the engine the step model stands for: trtllm composes each iteration from measured "
+        "TensorRT-LLM operator latencies (aiconfigurator-core) and schedules as trtllm-bench does; torch is the "
+        "roofline model with the hardware profile's constants. None: the backend's engine (a trtllm campaign "
+        "predicts TensorRT-LLM, a torch campaign the torch engine); for backend sim, the roofline model",
+    )
+
+
 class HardwareTarget(_Strict):
     name: str
     nodes: int = Field(default=1, gt=0, description="most nodes one layout may use")
@@ -330,6 +357,7 @@ class CampaignSpec(_Strict):
     max_requests: int = Field(default=16384, gt=0, description="upper bound for 'auto'")
     arrival: ArrivalSweep = Field(default_factory=ArrivalSweep)
     engine: EngineSweep = Field(default_factory=EngineSweep)
+    sim: SimSettings = Field(default_factory=SimSettings)
     seed: int = Field(default=0, ge=0)
 
     @field_validator("models", mode="before")
@@ -410,6 +438,26 @@ class Campaign:
     def prediction_profile(self) -> str | None:
         """The label sim cells carry (it enters their spec hash: other constants, other predictions)."""
         return self.profile.label if self.profile is not None and self.spec.backend == "sim" else None
+
+    @property
+    def sim_engine(self) -> str | None:
+        """The engine the predictions stand for: `sim.engine`, else the backend's (None: the roofline model)."""
+        return engine_of(self.spec)
+
+    @property
+    def engine_knob_defaults(self) -> dict[str, object]:
+        """The knobs unset in the campaign take the engine's defaults (TensorRT-LLM's as trtllm-bench sets them)."""
+        return dict(ENGINE_KNOB_DEFAULTS.get(self.sim_engine, {}))
+
+    @property
+    def prediction_engine(self) -> str | None:
+        """The label sim cells predicted by an engine model other than the roofline carry (in their spec hash):
+        the engine and the version of the measured data it composes."""
+        if self.spec.backend != "sim" or self.sim_engine != "trtllm":
+            return None
+        from infscale.opdata import data_version
+
+        return f"trtllm/{data_version().split(' ')[0]}"
 
     @property
     def name(self) -> str:
@@ -515,19 +563,34 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         own_sizes = workload.engine is not None and (workload.engine.max_num_tokens is not None
                                                      or workload.engine.kv_block_size is not None)
         where = f"workloads[{w}].engine" if own_sizes else "engine"
-        for k in engine.expand():
+        for k in engine.expand(ENGINE_KNOB_DEFAULTS.get(engine_of(spec), {})):
             line = (f"{source}: {where}.max_num_tokens: {k.max_num_tokens} is below "
                     f"kv_block_size {k.kv_block_size}")
             if k.max_num_tokens < k.kv_block_size and line not in problems:
                 problems.append(line)
-            line = (f"{source}: {where}.pp_microbatches: the trtllm backend schedules PP micro-batches itself; "
+            who = "the trtllm backend" if spec.backend == "trtllm" else "TensorRT-LLM (sim.engine: trtllm)"
+            line = (f"{source}: {where}.pp_microbatches: {who} schedules PP micro-batches itself; "
                     f"leave it out (got {k.pp_microbatches})")
-            if spec.backend == "trtllm" and k.pp_microbatches is not None and line not in problems:
+            if engine_of(spec) == "trtllm" and k.pp_microbatches is not None and line not in problems:
                 problems.append(line)
     problems += engine_problems
+    if engine_of(spec) == "trtllm":
+        from infscale.opdata import SYSTEMS
+
+        if hardware.name not in SYSTEMS:
+            key = "sim.engine" if spec.sim.engine else "backend"
+            problems.append(f"{source}: {key}: the trtllm engine model has measured operator tables for "
+                            f"{', '.join(SYSTEMS)} only (hardware is {hardware.name})")
     if problems:
         raise SpecError(problems)
     return Campaign(spec, path, config_hash, models, hardware, layouts, profile)
+
+
+def engine_of(spec: CampaignSpec) -> str | None:
+    """The engine a campaign's predictions stand for: `sim.engine`, else the backend's (None: the roofline)."""
+    if spec.sim.engine is not None:
+        return spec.sim.engine
+    return spec.backend if spec.backend in ENGINES else None
 
 
 def _with_profile(source: str, given: str, path: Path | None, hardware: Hardware) -> tuple[Hardware, ProfileRef]:

@@ -25,6 +25,7 @@ class ReplicaConfig:
     block_size: int
     max_num_seqs: int
     max_num_tokens: int
+    capacity_policy: str = "max_utilization"   # or guaranteed_no_evict (TensorRT-LLM's default)
 
 
 def route(router: str, dp: int, counter: int, pending_tokens: np.ndarray) -> int:
@@ -109,7 +110,7 @@ def serve(requests: Requests, dp: int, config: ReplicaConfig, arrival: Arrival, 
     state = RequestState(requests.isl.copy(), requests.osl.copy(), requests.arrival.copy())
     replicas = [
         Replica(i, state, make_executor(i), config.num_blocks, config.block_size, config.max_num_seqs,
-                config.max_num_tokens)
+                config.max_num_tokens, config.capacity_policy)
         for i in range(dp)
     ]
     if arrival.mode in ("offline", "concurrency"):
