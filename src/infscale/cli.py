@@ -214,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run":
             parser.error("arguments after -- are passed to snakemake by `infscale run` only")
         args.snakemake_args = passthrough
+    from infscale.opdata import OperatorDataError
+
     try:
         return COMMANDS[args.command](args)
     except SpecError as err:
         print(err, file=sys.stderr)
+        return 2
+    except OperatorDataError as err:  # the trtllm engine model without its measured tables
+        print(f"infscale {args.command}: {err}", file=sys.stderr)
         return 2
 
 

@@ -118,12 +118,13 @@ def curve_at(xs: np.ndarray, ys: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def build_grid(columns: dict[str, np.ndarray], dims: list[str], latency: str = "latency") -> Grid:
     """A grid over `dims` from table columns (latency in ms); holes filled from the smaller neighbour, in
-    proportion to the coordinate, one dimension after the other (last dimension first)."""
+    proportion to the coordinate, one dimension after the other (the first — batch, or GEMM rows — first: the
+    cost is linear in it, where it is not in a prompt length)."""
     axes = [np.unique(columns[d]).astype(np.float64) for d in dims]
     values = np.full([len(a) for a in axes], np.nan)
     index = tuple(np.searchsorted(a, columns[d]) for a, d in zip(axes, dims))
     values[index] = np.asarray(columns[latency], dtype=np.float64) * MS
-    for dim in reversed(range(len(dims))):
+    for dim in range(len(dims)):
         _fill_forward(values, axes[dim], dim)
     if np.isnan(values).any():
         for dim in range(len(dims)):  # holes at the small end of an axis: take the next measured value
