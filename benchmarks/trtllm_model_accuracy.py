@@ -10,8 +10,10 @@ rows as a peer. Nothing is fitted to these rows.
 Reported per model family and overall: median and p90 of |predicted − measured| / measured, TTFT and TPOT, for
 both. Rows infscale cannot represent are listed as skipped with the reason.
 
-Usage:  .venv/bin/python benchmarks/trtllm_model_accuracy.py [--no-peer] [--rows N] [--out results.csv]
-        (the peer needs `pip install -c constraints.txt aiconfigurator==0.12.0` in the same environment)
+Usage:  .venv/bin/python benchmarks/trtllm_model_accuracy.py [--no-peer] [--rows N] [--out rows.csv]
+                                                             [--peer-from rows.csv]
+        (the peer needs `pip install -c constraints.txt aiconfigurator==0.12.0` in the same environment; it takes
+        seconds per row, so `--peer-from` reuses the AIConfigurator columns of an earlier `--out` file)
 """
 
 from __future__ import annotations
@@ -194,17 +196,24 @@ def summarize(frame: pl.DataFrame, who: list[str]) -> list[str]:
     return lines
 
 
+def _earlier_peer(path: Path) -> dict[str, tuple[float, float]]:
+    frame = pl.read_csv(path)
+    return {r["id"]: (r["aic_ttft_ms"], r["aic_tpot_ms"]) for r in frame.iter_rows(named=True)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-peer", action="store_true", help="skip AIConfigurator's estimate")
     parser.add_argument("--rows", type=int, help="only the first N rows (a quick look)")
     parser.add_argument("--out", type=Path, help="write every row's numbers to this CSV")
+    parser.add_argument("--peer-from", type=Path, help="take AIConfigurator's numbers from an earlier --out CSV")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
 
     rows, skipped = silicon_rows()
     rows = rows[: args.rows] if args.rows else rows
-    use_peer = not args.no_peer and peer_available()
+    earlier = _earlier_peer(args.peer_from) if args.peer_from else None
+    use_peer = not args.no_peer and (earlier is not None or peer_available())
     records = []
     seconds = []
     for i, row in enumerate(rows):
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                   "infscale_ttft_err": _err(ttft, row.ttft_ms), "infscale_tpot_err": _err(tpot, row.tpot_ms)}
         if use_peer:
             try:
-                peer_ttft, peer_tpot = peer_predict(row)
+                peer_ttft, peer_tpot = earlier[row.id] if earlier is not None else peer_predict(row)
             except Exception as err:  # noqa: BLE001 (a peer failure is a row without a peer number)
                 print(f"  peer failed on {row.id}: {type(err).__name__}: {err}", file=sys.stderr)
                 peer_ttft = peer_tpot = float("nan")
