@@ -51,6 +51,7 @@ UNSUPPORTED = {
 }
 HARDWARE = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm"}
 REQUESTS_PER_CLIENT = 8      # closed loop: each of the row's concurrent clients sends this many requests
+STAGGER = True               # the clients in the steady state a measurement settles into (docs/perfmodel.md §8)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def infscale_predict(row: Row) -> tuple[float, float, float]:
         "layouts": [layout],
         "workloads": [{"name": "row", "isl": row.isl, "osl": row.osl,
                        "requests": REQUESTS_PER_CLIENT * row.concurrency,
-                       "arrival": {"mode": "concurrency", "concurrency": row.concurrency}}],
+                       "arrival": {"mode": "concurrency", "concurrency": row.concurrency, "stagger": STAGGER}}],
     }, source=row.id)
     (item,) = plan_campaign(campaign)
     if not item.feasible:
@@ -207,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, help="only the first N rows (a quick look)")
     parser.add_argument("--out", type=Path, help="write every row's numbers to this CSV")
     parser.add_argument("--peer-from", type=Path, help="take AIConfigurator's numbers from an earlier --out CSV")
+    parser.add_argument("--together", action="store_true", help="start every client at t=0 (trtllm-bench's "
+                        "start) instead of the staggered steady state")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
+    global STAGGER
+    STAGGER = not args.together
 
     rows, skipped = silicon_rows()
     rows = rows[: args.rows] if args.rows else rows

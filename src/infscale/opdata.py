@@ -31,6 +31,7 @@ PINNED_VERSION = "0.12.0"                  # constraints.txt pins the same
 INSTALL_HINT = f"pip install '{PACKAGE}=={PINNED_VERSION}' (scripts/setup-venv.sh installs it)"
 TRTLLM_TABLES = "1.3.0rc20"                # TensorRT-LLM version of the GEMM / attention / MoE / all-reduce tables
 SYSTEMS = {"h100-sxm": "h100_sxm", "h200-sxm": "h200_sxm"}  # infscale hardware -> aiconfigurator system name
+HEAD_DIMS = (64, 128, 192, 256)            # head sizes the attention tables measure
 MS = 1e-3
 
 

@@ -33,6 +33,7 @@ from infscale.layout import Layout
 from infscale.memory import layers_per_stage
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "bfloat16", "fp8": "fp8"}
+MOE_ROUTING = "power_law_1.01"   # the MoE tables' token distribution over experts (balanced, power_law_1.01, power_law_1.2)
 ACTIVATION_BYTES = 2   # activations travel in bf16
 
 
@@ -70,7 +71,7 @@ class TrtllmStepModel:
     """Iteration times of one replica from the measured operator tables (seconds)."""
 
     def __init__(self, model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
-                 fp8_gemm: str | None = None, moe_distribution: str = "balanced", max_batch_size: int = 2048):
+                 fp8_gemm: str | None = None, moe_distribution: str = MOE_ROUTING, max_batch_size: int = 2048):
         self.model = model
         self.hardware = hardware
         self.layout = layout
@@ -136,7 +137,9 @@ class TrtllmStepModel:
     def _attention(self, phase: str) -> tuple[opdata.Grid, float]:
         """The attention grid for this layout's heads per GPU, and a factor for a head count not measured."""
         attn_dtype = "fp8" if phase == "context" and self.kv_dtype == "fp8" else "bfloat16"
-        d = self.model.head_dim
+        # a head size not measured takes the nearest measured one, scaled by the size (the work is linear in it)
+        d = min(opdata.HEAD_DIMS, key=lambda size: abs(math.log(size / self.model.head_dim)))
+        size_factor = self.model.head_dim / d
         measured = opdata.attention_heads(self.system, phase, d, attn_dtype, self.kv_dtype)
         if not measured:
             raise opdata.OperatorDataError(f"no {phase} attention tables for head_dim {d} on {self.system}")
@@ -149,7 +152,7 @@ class TrtllmStepModel:
             same = [p for p in measured if p[0] / p[1] == ratio] or list(measured)
             heads, kv = min(same, key=lambda p: (abs(math.log(p[0] / self.heads)), abs(math.log(p[1] / self.kv_heads))))
             factor = self.heads / heads if phase == "context" else self.kv_heads / kv
-        return opdata.attention_grid(self.system, phase, heads, kv, d, attn_dtype, self.kv_dtype), factor
+        return opdata.attention_grid(self.system, phase, heads, kv, d, attn_dtype, self.kv_dtype), factor * size_factor
 
     def _moe_grid(self) -> opdata.Grid | None:
         model = self.model
@@ -316,7 +319,7 @@ _MODELS: dict[tuple, TrtllmStepModel] = {}
 
 
 def trtllm_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
-                      fp8_gemm: str | None = None, moe_distribution: str = "balanced",
+                      fp8_gemm: str | None = None, moe_distribution: str = MOE_ROUTING,
                       max_batch_size: int = 2048) -> TrtllmStepModel:
     """Cached per model, hardware, layout and precision (catalog entries hold dicts, so keyed by their names)."""
     key = (model.name, model.source, hardware.name, hardware.efficiency, layout, weight_dtype, kv_dtype, fp8_gemm,

@@ -55,6 +55,8 @@ class Cell(BaseModel):
         engine_unset = {name for name in ("pp_microbatches", "scheduler_policy") if getattr(self.engine, name) is None}
         if engine_unset:
             unset["engine"] = engine_unset
+        if not self.arrival.stagger:
+            unset["arrival"] = {"stagger"}
         return self.model_dump_json(exclude=unset or None)
 
     @cached_property

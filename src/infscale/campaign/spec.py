@@ -124,9 +124,16 @@ class Arrival(_Strict):
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
     concurrency: int | None = Field(default=None, gt=0)
     rate: float | None = Field(default=None, gt=0, description="requests per second (poisson)")
+    stagger: bool = Field(
+        default=False,
+        description="concurrency, sim backend: the clients start spread evenly over one request's latency (the "
+        "steady state a long benchmark settles into) instead of all at t=0 (as trtllm-bench starts them)")
 
     @model_validator(mode="after")
     def _parameters_match_mode(self) -> "Arrival":
+        if self.stagger and self.mode != "concurrency":
+            raise ValueError(f"'stagger' spreads the start of closed-loop clients: arrival mode 'concurrency' only "
+                             f"(got mode '{self.mode}')")
         if self.mode == "concurrency" and self.concurrency is None:
             raise ValueError("arrival mode 'concurrency' needs 'concurrency: N'")
         if self.mode == "poisson" and self.rate is None:
@@ -140,7 +147,7 @@ class Arrival(_Strict):
     @property
     def label(self) -> str:
         if self.mode == "concurrency":
-            return f"c{self.concurrency}"
+            return f"c{self.concurrency}" + ("s" if self.stagger else "")
         if self.mode == "poisson":
             return f"r{self.rate:g}"
         return "off"
@@ -152,6 +159,7 @@ class ArrivalSweep(_Strict):
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
     concurrency: int | list[Annotated[int, Field(gt=0)]] | None = None
     rate: float | list[Annotated[float, Field(gt=0)]] | None = None
+    stagger: bool = False
 
     @model_validator(mode="after")
     def _parameters_match_mode(self) -> ArrivalSweep:
@@ -163,10 +171,10 @@ class ArrivalSweep(_Strict):
 
     def expand(self) -> list[Arrival]:
         if self.mode == "concurrency":
-            return [Arrival(mode="concurrency", concurrency=c) for c in _as_list(self.concurrency)]
+            return [Arrival(mode="concurrency", concurrency=c, stagger=self.stagger) for c in _as_list(self.concurrency)]
         if self.mode == "poisson":
-            return [Arrival(mode="poisson", rate=r) for r in _as_list(self.rate)]
-        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate)]  # validates extras
+            return [Arrival(mode="poisson", rate=r, stagger=self.stagger) for r in _as_list(self.rate)]
+        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate, stagger=self.stagger)]
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -574,6 +582,12 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
             if engine_of(spec) == "trtllm" and k.pp_microbatches is not None and line not in problems:
                 problems.append(line)
     problems += engine_problems
+    staggered = [k for k, w in [("arrival", spec.arrival)] + [(f"workloads[{i}].arrival", w.arrival)
+                                                                for i, w in enumerate(spec.workloads)]
+                 if w is not None and w.stagger]
+    if staggered and spec.backend != "sim":
+        problems.append(f"{source}: {staggered[0]}.stagger: staggered client starts are a prediction setting of "
+                        f"the sim backend (a real {spec.backend} run starts its clients as its benchmark does)")
     if engine_of(spec) == "trtllm":
         from infscale.opdata import SYSTEMS
 

@@ -96,6 +96,7 @@ class Replica:
         self._running_array: np.ndarray | None = None  # cached np.array(self._running)
         self.finished: list[int] = []
         self.next_of: dict[int, int] = {}       # closed loop: request -> the client's next request
+        self._late_chains: list[tuple[float, list[int]]] = []  # closed-loop clients that start later, by time
         self.planned: list[int] = []             # every request routed here, chain by chain, in order
         self.chain_lengths: list[int] = []       # one entry per chain (a closed-loop client; offline: 1 each)
         self.log = SeriesLog()
@@ -113,12 +114,17 @@ class Replica:
         self.waiting.append(request)
 
     def submit_chain(self, chain: list[int], at: float) -> None:
-        """Queue the first request of `chain` now; each next one arrives when the one before it finishes."""
+        """Queue the first request of `chain` at time `at` (now, or when the run reaches it); each next one
+        arrives when the one before it finishes."""
         self.planned.extend(chain)
         self.chain_lengths.append(len(chain))
         for request, follow in zip(chain, chain[1:]):
             self.next_of[request] = follow
-        self.submit(chain[0], at)
+        if at > self.clock:
+            self._late_chains.append((at, chain))
+            self._late_chains.sort(key=lambda item: item[0])
+        else:
+            self.submit(chain[0], at)
 
     def submit_all(self, requests: np.ndarray, at: float) -> None:
         """Queue independent requests, all arrived at `at` (offline)."""
@@ -165,9 +171,18 @@ class Replica:
     # ------------------------------------------------------------------------------------------ running
 
     def run(self, until: float = np.inf) -> None:
-        """Advance until the clock passes `until` or no work is left."""
-        while not self.idle and self.clock < until:
-            self._advance(None if until == np.inf else until - self.clock)
+        """Advance until the clock passes `until` or no work is left (clients that start later included)."""
+        while True:
+            while self._late_chains and (self._late_chains[0][0] <= self.clock or self.idle):
+                at, chain = self._late_chains.pop(0)
+                if at >= until:
+                    self._late_chains.insert(0, (at, chain))
+                    break
+                self.submit(chain[0], at)
+            if self.idle or self.clock >= until:
+                return
+            stop = min(until, self._late_chains[0][0]) if self._late_chains else until
+            self._advance(None if stop == np.inf else stop - self.clock)
 
     def _advance(self, horizon: float | None) -> None:
         s = self.state
