@@ -5,13 +5,14 @@ with their configuration. This benchmark takes its aggregated TensorRT-LLM rows 
 agg, system h100_sxm / h200_sxm), predicts each with infscale (`sim` backend, `sim.engine: trtllm`: closed-loop
 arrivals at the row's concurrency, trtllm-bench's defaults for everything the row does not fix), and — when the
 `aiconfigurator` package is installed — asks AIConfigurator's own estimator (`cli_estimate`, mode agg) for the same
-rows as a peer. Nothing is fitted to these rows.
+rows as a peer. No constant is fitted to these rows; two discrete modelling choices can be switched to see their
+effect (`--staggered` client starts, `--moe-routing`).
 
 Reported per model family and overall: median and p90 of |predicted − measured| / measured, TTFT and TPOT, for
 both. Rows infscale cannot represent are listed as skipped with the reason.
 
 Usage:  .venv/bin/python benchmarks/trtllm_model_accuracy.py [--no-peer] [--rows N] [--out rows.csv]
-                                                             [--peer-from rows.csv]
+                  [--peer-from rows.csv] [--staggered] [--moe-routing power_law_1.01|power_law_1.2|balanced]
         (the peer needs `pip install -c constraints.txt aiconfigurator==0.12.0` in the same environment; it takes
         seconds per row, so `--peer-from` reuses the AIConfigurator columns of an earlier `--out` file)
 """
@@ -51,7 +52,8 @@ UNSUPPORTED = {
 }
 HARDWARE = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm"}
 REQUESTS_PER_CLIENT = 8      # closed loop: each of the row's concurrent clients sends this many requests
-STAGGER = True               # the clients in the steady state a measurement settles into (docs/perfmodel.md §8)
+STAGGER = False              # True: clients spread over one request's latency (`--staggered`); False: all start
+                             # at t=0, as trtllm-bench starts them
 
 
 @dataclass
@@ -208,12 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, help="only the first N rows (a quick look)")
     parser.add_argument("--out", type=Path, help="write every row's numbers to this CSV")
     parser.add_argument("--peer-from", type=Path, help="take AIConfigurator's numbers from an earlier --out CSV")
-    parser.add_argument("--together", action="store_true", help="start every client at t=0 (trtllm-bench's "
-                        "start) instead of the staggered steady state")
+    parser.add_argument("--moe-routing", choices=("power_law_1.01", "power_law_1.2", "balanced"),
+                        help="the MoE tables' routing distribution (default: infscale's, power_law_1.01)")
+    parser.add_argument("--staggered", action="store_true", help="spread the clients' starts over one request's "
+                        "latency (the steady state) instead of starting them all at t=0 as trtllm-bench does")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
     global STAGGER
-    STAGGER = not args.together
+    STAGGER = args.staggered
+    if args.moe_routing:
+        import infscale.trtllm_model as trtllm_model
+
+        trtllm_model.MOE_ROUTING = args.moe_routing
 
     rows, skipped = silicon_rows()
     rows = rows[: args.rows] if args.rows else rows
@@ -246,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
 
     who = ["infscale"] + (["aic"] if use_peer else [])
     print(f"# TensorRT-LLM model accuracy on silicon_sample.csv ({data_version()})")
+    import infscale.trtllm_model as trtllm_model
+
     print(f"{time.strftime('%Y-%m-%d')} · {platform.node()} · {platform.processor() or platform.machine()} · "
-          f"Python {platform.python_version()} · peer: {'aiconfigurator' if use_peer else 'not run'}")
+          f"Python {platform.python_version()} · peer: {'aiconfigurator' if use_peer else 'not run'} · clients "
+          f"{'staggered' if STAGGER else 'start together'} · MoE routing {trtllm_model.MOE_ROUTING} · "
+          f"{REQUESTS_PER_CLIENT} requests per client")
     print()
     print("Absolute relative error |predicted − measured| / measured (median / p90):")
     print()

@@ -71,7 +71,7 @@ class TrtllmStepModel:
     """Iteration times of one replica from the measured operator tables (seconds)."""
 
     def __init__(self, model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
-                 fp8_gemm: str | None = None, moe_distribution: str = MOE_ROUTING, max_batch_size: int = 2048):
+                 fp8_gemm: str | None = None, moe_distribution: str | None = None, max_batch_size: int = 2048):
         self.model = model
         self.hardware = hardware
         self.layout = layout
@@ -85,7 +85,7 @@ class TrtllmStepModel:
         self.dense_layers = (model.num_layers - model.num_moe_layers) * share
         self.gemm_dtype = TORCH_DTYPES[weight_dtype] if weight_dtype != "fp8" else (fp8_gemm or default_fp8_gemm(model))
         self.kv_dtype = TORCH_DTYPES[kv_dtype]
-        self.moe_distribution = moe_distribution
+        self.moe_distribution = moe_distribution or MOE_ROUTING
         self.graph_sizes = cuda_graph_batch_sizes(max_batch_size)
         h = model.hidden_size
         self.heads = model.num_attention_heads // tp
@@ -319,9 +319,10 @@ _MODELS: dict[tuple, TrtllmStepModel] = {}
 
 
 def trtllm_step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
-                      fp8_gemm: str | None = None, moe_distribution: str = MOE_ROUTING,
+                      fp8_gemm: str | None = None, moe_distribution: str | None = None,
                       max_batch_size: int = 2048) -> TrtllmStepModel:
     """Cached per model, hardware, layout and precision (catalog entries hold dicts, so keyed by their names)."""
+    moe_distribution = moe_distribution or MOE_ROUTING
     key = (model.name, model.source, hardware.name, hardware.efficiency, layout, weight_dtype, kv_dtype, fp8_gemm,
            moe_distribution, max_batch_size)
     if key not in _MODELS:
