@@ -15,9 +15,9 @@ import time
 
 from infscale.backends.sim.backend import SimBackend
 from infscale.campaign import campaign_from_dict
+from infscale.campaign.layout import enumerate_layouts
 from infscale.campaign.plan import plan_campaign
 from infscale.catalog import get_hardware, load_models
-from infscale.campaign.layout import enumerate_layouts
 from infscale.opdata import data_version
 
 

@@ -33,7 +33,8 @@ from infscale.layout import Layout
 from infscale.memory import layers_per_stage
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "bfloat16", "fp8": "fp8"}
-MOE_ROUTING = "power_law_1.01"   # the MoE tables' token distribution over experts (balanced, power_law_1.01, power_law_1.2)
+# the MoE tables' token distribution over experts (balanced, power_law_1.01, power_law_1.2): real routers are skewed
+MOE_ROUTING = "power_law_1.01"
 ACTIVATION_BYTES = 2   # activations travel in bf16
 
 

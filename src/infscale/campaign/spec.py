@@ -171,7 +171,8 @@ class ArrivalSweep(_Strict):
 
     def expand(self) -> list[Arrival]:
         if self.mode == "concurrency":
-            return [Arrival(mode="concurrency", concurrency=c, stagger=self.stagger) for c in _as_list(self.concurrency)]
+            return [Arrival(mode="concurrency", concurrency=c, stagger=self.stagger)
+                    for c in _as_list(self.concurrency)]
         if self.mode == "poisson":
             return [Arrival(mode="poisson", rate=r, stagger=self.stagger) for r in _as_list(self.rate)]
         return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate, stagger=self.stagger)]
