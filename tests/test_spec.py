@@ -221,6 +221,19 @@ MALFORMED: list[tuple[str, Callable[[dict], None], str, list[str]]] = [
      "engine.pp_microbatches", ["(got -1)", "greater than or equal to 0"]),
     ("pp-microbatches-on-trtllm", both(put("backend", value="trtllm"), put("engine", value={"pp_microbatches": 0})),
      "engine.pp_microbatches", ["(got 0)", "trtllm backend schedules PP micro-batches itself"]),
+    ("pp-microbatches-on-trtllm-engine", both(put("sim", value={"engine": "trtllm"}),
+                                              put("engine", value={"pp_microbatches": 0})),
+     "engine.pp_microbatches", ["(got 0)", "TensorRT-LLM (sim.engine: trtllm) schedules PP micro-batches"]),
+    # --- the engine model and arrivals
+    ("unknown-sim-engine", put("sim", value={"engine": "vllm"}),
+     "sim.engine", ["'vllm'", "'trtllm'", "'torch'"]),
+    ("unknown-scheduler-policy", put("engine", value={"scheduler_policy": "fcfs"}),
+     "engine.scheduler_policy", ["(got 'fcfs')", "'guaranteed_no_evict'", "'max_utilization'"]),
+    ("stagger-offline", put("arrival", value={"mode": "offline", "stagger": True}),
+     "arrival", ["'stagger'", "'concurrency' only"]),
+    ("stagger-on-torch", both(put("backend", value="torch"),
+                              put("arrival", value={"mode": "concurrency", "concurrency": 8, "stagger": True})),
+     "arrival.stagger", ["prediction setting of the sim backend", "torch"]),
 ]
 
 
