@@ -277,3 +277,15 @@ def test_memory_plan_counts_in_gib():
 def test_step_model_rejects_uncovered_hardware():
     with pytest.raises(opdata.OperatorDataError):
         TrtllmStepModel(get_model("llama-3.1-8b"), H200.model_copy(update={"name": "b200"}), Layout(), "bf16", "bf16")
+
+
+def test_fp8_weights_run_with_fp8_kv_under_tensorrt_llm():
+    from infscale.campaign.plan import engine_kv_dtype
+
+    assert engine_kv_dtype("trtllm", "fp8", "bf16") == "fp8"
+    assert engine_kv_dtype(None, "fp8", "bf16") == "bf16" and engine_kv_dtype("trtllm", "bf16", "bf16") == "bf16"
+    base = {"name": "x", "backend": "sim", "sim": {"engine": "trtllm"}, "hardware": "h200-sxm",
+            "models": ["llama-3.3-70b"], "layouts": ["tp2"], "workloads": [{"name": "w", "isl": 128, "osl": 128}]}
+    (fp8,) = plan_campaign(campaign_from_dict({**base, "precision": ["fp8"]}))
+    (both,) = plan_campaign(campaign_from_dict({**base, "precision": ["fp8/fp8"]}))
+    assert fp8.memory.kv_bytes_per_token_per_gpu == both.memory.kv_bytes_per_token_per_gpu == 80 * 4 * 128 * 2

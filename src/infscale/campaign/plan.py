@@ -123,11 +123,18 @@ _MEMORY_CACHE: dict[tuple, MemoryPlan] = {}
 _STEP_CACHE: dict[tuple, StepModel] = {}
 
 
+def engine_kv_dtype(engine: str | None, weight_dtype: str, kv_dtype: str) -> str:
+    """The KV cache dtype the engine runs: TensorRT-LLM with FP8 weights keeps its KV in FP8 (trtllm-bench's FP8
+    build forces it; ModelOpt's FP8 checkpoints carry it), whatever the cell's precision says for KV."""
+    return "fp8" if engine == "trtllm" and weight_dtype == "fp8" else kv_dtype
+
+
 def replica_memory(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
                    knobs: EngineKnobs, proxy_layers: int | None, engine: str | None) -> MemoryPlan:
     """One replica's memory as the cell's engine accounts for it: TensorRT-LLM's KV is a fraction of the memory
     free after weights and workspace; the others' a fraction of the device (memory.py)."""
     if engine == "trtllm":
+        kv_dtype = engine_kv_dtype(engine, weight_dtype, kv_dtype)
         return plan_trtllm_memory(model, hardware, layout, weight_dtype, kv_dtype, knobs.kv_memory_fraction,
                                   knobs.kv_block_size, knobs.max_num_tokens, knobs.max_num_seqs)
     return plan_memory(model, hardware, layout, weight_dtype, kv_dtype, knobs.kv_memory_fraction,
@@ -138,7 +145,8 @@ def cell_step_model(model: ModelArch, hardware: Hardware, cell: Cell, engine: st
                     ) -> StepModel | TrtllmStepModel:
     """The iteration-time model a cell is predicted with: TensorRT-LLM's measured operators, or the roofline."""
     if engine == "trtllm":
-        return trtllm_step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
+        kv_dtype = engine_kv_dtype(engine, cell.precision.weights, cell.precision.kv)
+        return trtllm_step_model(model, hardware, cell.layout, cell.precision.weights, kv_dtype,
                                  max_batch_size=cell.engine.max_num_seqs)
     return _step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
                        cell.engine.pp_microbatches)
