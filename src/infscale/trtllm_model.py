@@ -106,13 +106,12 @@ class TrtllmStepModel:
         self._context_attention = self._attention("context") if model.attention == "gqa" else None
         self._generation_attention = self._attention("generation") if model.attention == "gqa" else None
         self._moe = self._moe_grid() if model.is_moe else None
-        if model.attention == "mla":
+        if model.attention == "mla":  # the module tables measure DeepSeek's block-scaled FP8 projections
             heads = model.num_attention_heads // tp
-            self._mla_context = opdata.mla_module_grid(self.system, "context", heads, self.kv_dtype, "fp8_block"
-                                                      if self.gemm_dtype.startswith("fp8") else "bfloat16")
+            module_gemm = "fp8_block" if self.gemm_dtype.startswith("fp8") else "bfloat16"
+            self._mla_context = opdata.mla_module_grid(self.system, "context", heads, self.kv_dtype, module_gemm)
             self._mla_generation = opdata.mla_module_grid(self.system, "generation", heads, self.kv_dtype,
-                                                         "fp8_block" if self.gemm_dtype.startswith("fp8")
-                                                         else "bfloat16")
+                                                         module_gemm)
             if self._mla_context is None or self._mla_generation is None:
                 raise opdata.OperatorDataError(
                     f"no MLA module tables for {heads} heads per GPU ({model.name} at tp{tp}) on {self.system}")
