@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -90,6 +91,29 @@ def test_artifact_md_maps_claims_to_commands_hardware_and_durations(gpu_bundle: 
     assert "`results/gpu-node/figures/reasoning_cliff.png`" in c2  # the claim's figure, as bundled
 
 
+@pytest.mark.parametrize("dirty", [True, False], ids=["dirty", "clean"])
+def test_artifact_md_never_names_a_dirty_tree_as_the_commits_code(tmp_path: Path, monkeypatch, capsys,
+                                                                   dirty: bool) -> None:
+    """A bundle written from a checkout with uncommitted changes names the clean commit and says the tree was
+    dirty (ARTIFACT.md, manifest.json), and `ae bundle` warns; a clean checkout is named plainly."""
+    from infscale.results import provenance
+
+    monkeypatch.setattr(provenance, "git_commit", lambda: "0123abcd" + ("-dirty" if dirty else ""))
+    assert main(["ae", "bundle", str(GPU_NODE), "--results-root", str(REFERENCE), "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    bundle = tmp_path / "gpu-node-ae"
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert (manifest["git_commit"], manifest["git_tree_dirty"]) == ("0123abcd", dirty)
+    header = (bundle / "ARTIFACT.md").read_text().split("\n\n")[1]
+    assert "0123abcd-dirty" not in header
+    if dirty:
+        assert "commit `0123abcd` with uncommitted changes (the working tree was dirty" in header
+        assert "warning: the code has uncommitted changes on top of commit 0123abcd" in err
+    else:
+        assert "(commit `0123abcd`) on " in header and "uncommitted" not in header + err
+    assert "-dirty`" not in (bundle / "ARTIFACT.md").read_text()  # nor the cells' provenance line
+
+
 def test_an_existing_bundle_is_never_overwritten(gpu_bundle: Path) -> None:
     with pytest.raises(BundleError, match="never overwritten"):
         make_bundle(GPU_NODE, REFERENCE, gpu_bundle.parent)
@@ -109,6 +133,15 @@ def test_bundle_needs_the_analysis_first(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ verify
+
+
+def test_bundle_refuses_results_whose_cell_files_are_damaged(tmp_path: Path) -> None:
+    shutil.copytree(REFERENCE / "gpu-node", tmp_path / "results" / "gpu-node")
+    victim = sorted((tmp_path / "results" / "gpu-node" / "cells").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(BundleError, match="cell files need attention \\(0 missing, 1 damaged, 0 misnamed"):
+        make_bundle(GPU_NODE, tmp_path / "results", tmp_path / "out")
+    assert victim.stat().st_size == 100 and not (tmp_path / "out" / "gpu-node-ae").exists()  # nothing moved
 
 
 def test_one_altered_byte_fails_verify_naming_the_file(gpu_bundle: Path, tmp_path: Path, capsys) -> None:
@@ -159,7 +192,7 @@ def test_not_a_bundle_is_a_clear_error(tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------------------------------------------------ regenerate
 
 
-def test_regenerate_from_the_unpacked_tarball_reproduces_the_tables_exactly(gpu_bundle: Path, tmp_path: Path) -> None:
+def test_regenerate_from_the_unpacked_tarball_reproduces_the_tables(gpu_bundle: Path, tmp_path: Path) -> None:
     with tarfile.open(gpu_bundle.parent / "gpu-node-ae.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
     bundle = tmp_path / "gpu-node-ae"
@@ -184,6 +217,79 @@ def test_regenerate_reports_a_table_that_differs(gpu_bundle: Path, tmp_path: Pat
     out = capsys.readouterr().out
     assert "claims.parquet: DIFFERENT in column(s) verdict" in out and "cells.parquet: identical" in out
     assert pl.read_parquet(claims).filter(pl.col("claim") == "C5")["verdict"][0] == "FAIL"  # originals kept
+
+
+def nudge_fits(bundle: Path, column: str, change) -> float:
+    """Replace the first value of a float column of the bundled fits.parquet by change(value); returns it."""
+    fits = bundle / "results" / "gpu-node" / "fits.parquet"
+    frame = pl.read_parquet(fits)
+    value = float(frame[column][0])
+    frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(change(value))).otherwise(pl.col(column))
+                       .alias(column)).write_parquet(fits)
+    return value
+
+
+def test_regenerate_compares_floats_within_a_relative_tolerance(gpu_bundle: Path, tmp_path: Path, capsys) -> None:
+    """Another CPU may round a refit's last bit differently: one ulp passes, and the largest relative difference
+    is reported (in the output and in checks.json); a 1e-6 relative change is a difference."""
+    bundle = copy_bundle(gpu_bundle, tmp_path)
+    value = nudge_fits(bundle, "p1", lambda v: float(np.nextafter(v, np.inf)))
+    assert main(["ae", "regenerate", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "fits.parquet: equal within relative tolerance 1e-09 (7 rows; largest relative difference" in out
+    checks = json.loads((bundle / "regenerated" / "checks.json").read_text())
+    assert checks["ok"] is True and checks["table_relative_tolerance"] == 1e-9
+    (fits,) = [c for c in checks["checks"] if c["name"] == "fits.parquet"]
+    assert 0 < fits["largest_relative_difference"] < 1e-12
+
+    nudge_fits(bundle, "p1", lambda v: value * (1 + 1e-6))
+    assert main(["ae", "regenerate", str(bundle)]) == 1
+    out = capsys.readouterr().out
+    assert "fits.parquet: DIFFERENT in column(s) p1 (largest relative difference 1e-06 (column p1, row 0); " \
+           "relative tolerance 1e-09)" in out
+    assert out.rstrip().splitlines()[-1].startswith("DIFFERENT: 11 of 12 files reproduced")
+    assert json.loads((bundle / "regenerated" / "checks.json").read_text())["ok"] is False
+    # the tolerance is the reviewer's to set
+    assert main(["ae", "regenerate", str(bundle), "--rel-tol", "1e-5"]) == 0
+    assert "fits.parquet: equal within relative tolerance 1e-05" in capsys.readouterr().out
+    assert main(["ae", "regenerate", str(bundle), "--rel-tol", "-1"]) == 2  # main returns argparse's status
+    assert "--rel-tol: '-1': expected a relative tolerance of 0 or more" in capsys.readouterr().err
+
+
+def test_table_comparison_rules() -> None:
+    from infscale.ae.tables import compare_tables, json_difference
+
+    def frame(**columns) -> pl.DataFrame:
+        return pl.DataFrame(columns, strict=False)
+
+    base = 0.4956372129802472
+    ulp = float(np.nextafter(base, 1.0))
+    assert compare_tables(frame(x=[base]), frame(x=[base])).identical
+    one_ulp = compare_tables(frame(x=[base, 1.0]), frame(x=[ulp, 1.0]))
+    assert one_ulp.equal and not one_ulp.identical and 0 < one_ulp.largest_rel_diff < 1e-15
+    assert one_ulp.largest_at == "column x, row 0"
+    far = compare_tables(frame(x=[base]), frame(x=[base * (1 + 1e-6)]))
+    assert not far.equal and far.differing_columns == ("x",) and far.largest_rel_diff == pytest.approx(1e-6, rel=1e-3)
+    assert compare_tables(frame(x=[base]), frame(x=[base * (1 + 1e-6)]), rel_tol=1e-5).equal
+    nan, inf = float("nan"), float("inf")
+    assert compare_tables(frame(x=[nan, None, inf, 0.0]), frame(x=[nan, None, inf, 0.0])).equal
+    for left, right in ((nan, 1.0), (1.0, nan), (None, 1.0), (inf, 1e308), (inf, -inf), (0.0, 1e-300)):
+        diff = compare_tables(frame(x=[left]), frame(x=[right]))
+        assert not diff.equal, (left, right)
+    # integers and strings: exactly
+    assert compare_tables(frame(n=[2**53]), frame(n=[2**53 + 1])).differing_columns == ("n",)
+    assert compare_tables(frame(s=["PASS"]), frame(s=["PASS "])).differing_columns == ("s",)
+    # a JSON text column compares by content: its floats within the tolerance, everything else exactly
+    params = '{"c": 1621.0877356828742, "knee": 5120.0, "alpha": %r}'
+    assert compare_tables(frame(p=[params % base]), frame(p=[params % ulp])).equal
+    assert not compare_tables(frame(p=[params % base]), frame(p=[params % (base * (1 + 1e-6))])).equal
+    assert json_difference('{"a": 1}', '{"a": 2}') == float("inf")            # integers exactly
+    assert json_difference('{"a": 1.0}', '{"b": 1.0}') == float("inf")        # keys exactly
+    assert json_difference('[1.0, "x"]', '[1.0, "y"]') == float("inf")
+    assert json_difference("not json", "not json either") == float("inf")
+    # what cannot be compared is named
+    assert "columns" in compare_tables(frame(x=[1.0]), frame(y=[1.0])).detail()
+    assert "1 rows expected, 2 found" in compare_tables(frame(x=[1.0]), frame(x=[1.0, 2.0])).detail()
 
 
 def test_regenerate_refuses_to_write_over_a_foreign_directory(gpu_bundle: Path, tmp_path: Path) -> None:

@@ -133,11 +133,12 @@ def test_merge_through_job_summaries_equals_merge_from_cell_files(tmp_path):
     direct = merge_cells(planned, tmp_path, 8)
     indexed = merge_cells(planned, tmp_path, 8, [summary])
     assert direct.equals(indexed) and direct.height == len(planned)
-    # a summary row whose cell file is gone is not trusted: the cell is pending again
+    # a summary row whose cell file is gone is not trusted: the cell is missing (measured, its file gone)
     victim = next(p for p in planned if p.feasible).cell.id
     (tmp_path / "cells" / f"{victim}.parquet").unlink()
     after = merge_cells(planned, tmp_path, 8, [summary])
-    assert dict(zip(after["cell_id"], after["status"]))[victim] == "pending"
+    assert dict(zip(after["cell_id"], after["status"]))[victim] == "missing"
+    assert summary.exists()  # without repair, nothing is touched
 
 
 def test_node_problem_stops_the_job_after_recording_the_failure(tmp_path):

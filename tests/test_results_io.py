@@ -15,6 +15,7 @@ import pytest
 
 from infscale.campaign.spec import Arrival, LengthDist
 from infscale.results import provenance
+from infscale.results.integrity import check_cell_file
 from infscale.results.io import (
     META_CELL,
     META_PROVENANCE,
@@ -23,7 +24,6 @@ from infscale.results.io import (
     SchemaVersionError,
     build_cell_table,
     cell_file,
-    existing_spec_hash,
     read_metadata,
     read_summary,
     write_cell,
@@ -142,8 +142,8 @@ def test_write_cell_is_readable_with_summary_and_nested_rows(tmp_path, table, me
     # summary-only readers never need the nested columns
     assert read_summary(path)["output_tokens"] == summary["output_tokens"]
     assert set(read_summary(path)) == set(SUMMARY_COLUMNS)
-    assert existing_spec_hash(path) == SPEC_HASH
-    assert existing_spec_hash(tmp_path / "cells" / "missing.parquet") is None
+    assert check_cell_file(path, SPEC_HASH, CELL_JSON).state == "valid"
+    assert check_cell_file(tmp_path / "cells" / "missing.parquet", SPEC_HASH, CELL_JSON).state == "absent"
     assert leftovers(path.parent) == []
 
 
@@ -252,6 +252,33 @@ def test_disk_full_is_reported_by_write_table_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError) as caught:
         write_table_atomic(pa.table({"x": [1]}), tmp_path / "plan.parquet")
     assert caught.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+                         ids=["umask022", "umask002", "umask077"])
+def test_result_files_respect_the_umask(tmp_path, table, umask, mode):
+    """A group sharing a project folder reads the results as it reads any file there: every writer makes its
+    file 0o666 less the umask (tempfile.mkstemp's 0o600 would not)."""
+    from infscale.launch.registry import JobRecord, Registry
+    from infscale.results.io import write_bytes_atomic, write_text_atomic
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            write_cell(tmp_path / "cells" / "a.parquet", table, {}, CELL_JSON),
+            write_table_atomic(pa.table({"x": [1]}), tmp_path / "cells.parquet"),
+            write_table_atomic(pa.table({"x": [2]}), tmp_path / "cells.parquet"),  # replacing keeps the rule
+            write_text_atomic(tmp_path / "summary.md", "# summary\n"),
+            write_bytes_atomic(tmp_path / "figures" / "a.png", b"\x89PNG"),
+        ]
+        registry = Registry(tmp_path)
+        registry.save(JobRecord("job-a"))
+        written.append(registry.path("job-a"))
+    finally:
+        os.umask(previous)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == \
+        {path.name: oct(mode) for path in written}
+    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "cells") == []
 
 
 # -------------------------------------------------------------------------------------- derived tables

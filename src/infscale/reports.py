@@ -78,7 +78,8 @@ def print_status(run: CampaignRun, console: Console | None = None) -> bool:
     from rich.progress_bar import ProgressBar
 
     from infscale.launch.registry import Registry, query_states
-    from infscale.results.io import cell_file, existing_spec_hash, failure_cell_id
+    from infscale.results.integrity import VALID, check_cell_file
+    from infscale.results.io import cell_file, failure_cell_id
 
     console = console or Console(width=200)
     registry = Registry(run.results_dir)
@@ -93,7 +94,8 @@ def print_status(run: CampaignRun, console: Console | None = None) -> bool:
     total = done_total = 0
     for job, items in run.jobs().items():
         on_disk = {i.cell.id for i in items
-                   if existing_spec_hash(cell_file(run.results_dir, i.cell.id)) == i.cell.spec_hash}
+                   if check_cell_file(cell_file(run.results_dir, i.cell.id), i.cell.spec_hash,
+                                      i.cell.spec_json).state == VALID}
         done = len(on_disk)
         failed = sum(i.cell.id in failed_ids for i in items if i.cell.id not in on_disk)
         record = records.get(job)

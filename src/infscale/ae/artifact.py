@@ -12,6 +12,8 @@ from pathlib import Path
 
 import polars as pl
 
+from infscale.results.provenance import describe_commit
+
 # Which figure (infscale.analysis.figures, by name) shows the evidence of which claim. A figure file whose name
 # starts with a claim id (e.g. `C1-dp-tp-ratio.png`) is matched too.
 CLAIM_FIGURES: dict[str, list[str]] = {
@@ -60,8 +62,9 @@ def artifact_markdown(bundle: Path, manifest: dict, tolerances: dict[str, float]
     bundle_dir = Path(bundle).name if not Path(bundle).name.startswith(".") else f"{name}-ae"
 
     lines = [f"# Artifact: campaign `{name}`", ""]
+    commit = describe_commit(manifest["git_commit"], bool(manifest.get("git_tree_dirty")))
     lines += [f"Bundle of `{config}` with its results, written by infscale {manifest['infscale_version']} "
-              f"(commit `{manifest['git_commit']}`) on {manifest['created_utc']}. `manifest.json` holds the SHA-256 "
+              f"({commit}) on {manifest['created_utc']}. `manifest.json` holds the SHA-256 "
               "of every file; start with", "", "```bash",
               f"infscale ae verify {bundle_dir}          # every file present and unaltered",
               f"infscale ae regenerate {bundle_dir}      # fits, claims (and figures, report) from the cells; no GPU",
@@ -99,7 +102,7 @@ def artifact_markdown(bundle: Path, manifest: dict, tolerances: dict[str, float]
         if prov.get("artefact"):
             lines.append(f"- engine: {json.dumps(prov['artefact'], sort_keys=True)}")
         lines.append(f"- platform: {prov.get('platform')}; code: infscale {prov.get('infscale_version')} "
-                     f"commit `{prov.get('git_commit')}`")
+                     f"{describe_commit(prov.get('git_commit'))}")
     if (Path(bundle) / "environment" / "constraints.txt").is_file():
         lines.append("- exact Python package pins: `environment/constraints.txt` "
                      "(`pip install -c environment/constraints.txt -e .`)")

@@ -10,7 +10,8 @@
   results/<campaign>/         the results directory: plan.parquet (written from the campaign file), cells/ (every
                               cell's Parquet), failures/, cells.parquet, summary.md, fits.parquet, claims.parquet,
                               claims.md, validation*, figures/, report.html, PROVENANCE.md, logs/ — whatever exists;
-                              not jobs/ (registry, locks, Slurm folders) nor launcher.json (this cluster's settings)
+                              not jobs/ (registry, locks, Slurm folders), damaged/ (unreadable files moved aside)
+                              nor launcher.json (this cluster's settings)
   environment/                constraints.txt (the lock file), pyproject.toml, envs/ (container definitions),
                               container.txt (the image digest, when one was used)
   profiles/                   the hardware profiles of the campaign's GPU (results/reference/profiles)
@@ -36,7 +37,8 @@ from infscale.ae.compare import DEFAULT_TOLERANCES, TOLERANCES_NAME, tolerance_d
 from infscale.ae.manifest import MANIFEST_NAME, MANIFEST_VERSION, BundleError, file_entries
 
 REPO_ROOT = Path(infscale.__file__).resolve().parents[2]   # the checkout (src layout)
-SKIP_DIRS = {"jobs"}                 # machine-specific: job registry, locks, submitit folders
+SKIP_DIRS = {"jobs", "damaged"}     # machine-specific: job registry, locks, submitit folders; damaged files
+                                     # moved aside (logs/cell-check.log, bundled, says what happened to them)
 SKIP_FILES = {"launcher.json", "plan.parquet"}   # this cluster's settings; the plan is rewritten from the config
 REQUIRED = ("cells.parquet", "fits.parquet", "claims.parquet")
 
@@ -47,6 +49,8 @@ class Bundle:
     tarball: Path
     files: int
     bytes: int
+    git_commit: str | None = None     # the commit of the code that bundled (without `-dirty`)
+    git_tree_dirty: bool = False      # its working tree had uncommitted changes (ARTIFACT.md says so)
 
 
 def bundle_name(campaign: str) -> str:
@@ -102,15 +106,20 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
     from infscale.ae.reduce import reduce_campaign
     from infscale.campaign.plan import write_plan
     from infscale.pipeline import CampaignRun
-    from infscale.results.provenance import git_commit
+    from infscale.results.provenance import git_commit, split_commit
     from infscale.results.schemas import SCHEMA_VERSION
 
     run = CampaignRun(Path(campaign_file), Path(results_root), packing)
     name = run.campaign.name
+    commit, dirty = split_commit(git_commit())
     missing = [f for f in REQUIRED if not (run.results_dir / f).is_file()]
     if missing:
         raise BundleError(f"{run.results_dir}: {', '.join(missing)} missing; run the campaign's analysis first "
                           f"(infscale merge, fit, claims {campaign_file} --results-root {results_root})")
+    check = run.check_cells()  # read only: a bundle never holds a merged table its cell files no longer back
+    if check.problems:
+        raise BundleError(f"{run.results_dir}: cell files need attention ({check.counts()}: "
+                          f"{check.lines()[0]}); rerun the campaign first")
     if Path(out).resolve().is_relative_to(run.results_dir.resolve()):
         raise BundleError(f"--out {out}: inside the results directory {run.results_dir}; choose a folder outside it")
     directory = Path(out) / bundle_name(name)
@@ -166,7 +175,8 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
             "manifest_version": MANIFEST_VERSION,
             "results_schema_version": SCHEMA_VERSION,
             "infscale_version": infscale.__version__,
-            "git_commit": git_commit(),
+            "git_commit": commit,
+            "git_tree_dirty": dirty,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "campaign": name,
             "campaign_file": config_rel,
@@ -186,4 +196,5 @@ def make_bundle(campaign_file: Path, results_root: Path, out: Path, *, packing: 
         raise
     _tar(directory, tarball)
     entries = manifest["files"]
-    return Bundle(directory, tarball, len(entries), sum(int(e["size"]) for e in entries))  # type: ignore[union-attr]
+    return Bundle(directory, tarball, len(entries), sum(int(e["size"]) for e in entries),  # type: ignore[union-attr]
+                  commit, dirty)

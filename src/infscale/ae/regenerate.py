@@ -5,12 +5,17 @@ report show but the workflow does not make). The steps are the workflow's own (`
 `write_fits`, `write_claims`, `write_figures`, `analysis.report.write_report`: what `infscale merge`, `fit`,
 `claims`, `figures` and `report` run), in the order of `STEPS`, writing into
 `<bundle>/regenerated/` (or `--out`), never over the bundled originals. The regenerated tables must equal the
-bundled ones exactly; figures must be identical or within the pixel tolerance of `ae.images`.
+bundled ones: integers and strings exactly, floats within a relative tolerance (`ae.tables`, default 1e-9: another
+CPU may round the last bits of a refit differently), with the largest relative difference reported; the texts
+byte for byte; figures identical or within the pixel tolerance of `ae.images`. Every check, with that largest
+difference, is also written to `<out>/checks.json`.
 """
 
 from __future__ import annotations
 
 import filecmp
+import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -21,12 +26,14 @@ import polars as pl
 
 from infscale.ae.manifest import REGENERATED_DIR as REGENERATED
 from infscale.ae.manifest import BundleError, read_manifest
+from infscale.ae.tables import REL_TOL, compare_tables
 
 MARKER = ".infscale-regenerated"      # marks an --out directory as ours, so a second run may replace it
-TABLES = ("cells.parquet", "fits.parquet", "claims.parquet")     # exact equality
+TABLES = ("cells.parquet", "fits.parquet", "claims.parquet")     # ae.tables: floats within a relative tolerance
 TEXTS = ("summary.md", "claims.md")                              # byte equality
 INPUTS = ("cells", "failures")                                   # what the steps read: the measured files
 INPUT_FILES = ("validation*.parquet", "PROVENANCE.md")           # read by figures and report, made by hand
+CHECKS_NAME = "checks.json"                                      # the checks, written into --out
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    largest_rel_diff: float | None = None  # tables: over the float values compared
 
     def line(self) -> str:
         return f"{self.name}: {self.detail}"
@@ -42,6 +50,7 @@ class Check:
 @dataclass
 class Regeneration:
     out: Path
+    rel_tol: float = REL_TOL
     steps: list[tuple[str, float]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
 
@@ -53,8 +62,20 @@ class Regeneration:
         out = [f"regenerated into {self.out}: " + ", ".join(f"{n} {s:.1f} s" for n, s in self.steps)]
         out += [c.line() for c in self.checks]
         same = sum(c.ok for c in self.checks)
-        out.append(f"{'OK' if self.ok else 'DIFFERENT'}: {same} of {len(self.checks)} files reproduced")
+        largest = max((c.largest_rel_diff for c in self.checks if c.largest_rel_diff is not None), default=0.0)
+        out.append(f"{'OK' if self.ok else 'DIFFERENT'}: {same} of {len(self.checks)} files reproduced (tables: "
+                   f"floats within relative tolerance {self.rel_tol:g}, largest relative difference {largest:.3g})")
         return out
+
+    def document(self) -> str:
+        """`checks.json`: the outcome, the tolerance and every check with its largest relative difference."""
+        def number(value: float | None) -> float | str | None:  # JSON has no infinity (a NaN against a number)
+            return value if value is None or math.isfinite(value) else str(value)
+
+        checks = [{"name": c.name, "ok": c.ok, "detail": c.detail,
+                   "largest_relative_difference": number(c.largest_rel_diff)} for c in self.checks]
+        return json.dumps({"ok": self.ok, "table_relative_tolerance": self.rel_tol, "checks": checks},
+                          indent=1) + "\n"
 
 
 def _step_merge(run) -> None:
@@ -97,26 +118,19 @@ STEPS: list[tuple[str, Callable[[object], None]]] = [
 ]
 
 
-def _table_check(name: str, bundled: Path, regenerated: Path) -> Check:
+def _table_check(name: str, bundled: Path, regenerated: Path, rel_tol: float) -> Check:
     if not bundled.is_file():
         return Check(name, True, "not in the bundle (nothing to compare)")
     if not regenerated.is_file():
         return Check(name, False, "DIFFERENT: not regenerated")
-    a, b = pl.read_parquet(bundled), pl.read_parquet(regenerated)
-    if a.equals(b):
-        return Check(name, True, f"identical ({a.height} rows)")
-    if a.columns != b.columns or a.dtypes != b.dtypes:
-        return Check(name, False, f"DIFFERENT: columns {a.columns} vs {b.columns}")
-    if a.height != b.height:
-        return Check(name, False, f"DIFFERENT: {a.height} rows bundled, {b.height} regenerated")
-    columns = [c for c in a.columns if not a.get_column(c).equals(b.get_column(c))]
-    return Check(name, False, f"DIFFERENT in column(s) {', '.join(columns)}")
+    diff = compare_tables(pl.read_parquet(bundled), pl.read_parquet(regenerated), rel_tol)
+    return Check(name, diff.equal, diff.detail(), None if diff.problem else diff.largest_rel_diff)
 
 
-def _checks(bundled: Path, regenerated: Path) -> list[Check]:
+def _checks(bundled: Path, regenerated: Path, rel_tol: float) -> list[Check]:
     from infscale.ae.images import compare_png
 
-    checks = [_table_check(name, bundled / name, regenerated / name) for name in TABLES]
+    checks = [_table_check(name, bundled / name, regenerated / name, rel_tol) for name in TABLES]
     for name in TEXTS:
         if (bundled / name).is_file():
             same = (regenerated / name).is_file() and filecmp.cmp(bundled / name, regenerated / name, shallow=False)
@@ -135,8 +149,9 @@ def _checks(bundled: Path, regenerated: Path) -> list[Check]:
     return checks
 
 
-def regenerate(bundle: Path, out: Path | None = None) -> Regeneration:
-    """Run `STEPS` on the bundle's cell files into `out` (default `<bundle>/regenerated`), then diff."""
+def regenerate(bundle: Path, out: Path | None = None, rel_tol: float = REL_TOL) -> Regeneration:
+    """Run `STEPS` on the bundle's cell files into `out` (default `<bundle>/regenerated`), then diff (the tables'
+    floats within `rel_tol`, relative)."""
     from infscale.pipeline import CampaignRun
 
     bundle = Path(bundle)
@@ -163,10 +178,11 @@ def regenerate(bundle: Path, out: Path | None = None) -> Regeneration:
     for pattern in INPUT_FILES:
         for path in sorted(bundled.glob(pattern)):
             shutil.copy2(path, run.results_dir / path.name)
-    result = Regeneration(run.results_dir)
+    result = Regeneration(run.results_dir, rel_tol)
     for name, step in STEPS:
         started = time.perf_counter()
         step(run)
         result.steps.append((name, time.perf_counter() - started))
-    result.checks = _checks(bundled, run.results_dir)
+    result.checks = _checks(bundled, run.results_dir, rel_tol)
+    (out / CHECKS_NAME).write_text(result.document())
     return result

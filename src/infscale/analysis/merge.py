@@ -1,10 +1,14 @@
 """Merge a campaign's cell files into one table: exactly one row per planned cell, nothing else.
 
-Measured (or measured-infeasible) cells come from `cells/<id>.parquet` — through the bench jobs' summary files
-(one Parquet per job holding its cells' summary rows) where they cover the cell, else from the cell file itself;
-a row is only taken while its cell file exists with the same spec hash. Cells the plan ruled infeasible get a row
-from the plan with the reason; a cell that failed and was not yet remeasured shows its latest failure; a cell
-with no file at all is `pending`. Stray files in the directory are never read.
+Every planned cell's file is checked first (results/integrity.py: complete, and recording the cell its name says).
+Intact cells (measured, or measured-infeasible) come from `cells/<id>.parquet`: through the bench jobs' summary
+files (one Parquet per job holding its cells' summary rows) where they cover the cell, else from the cell file
+itself; a summary row is only taken while its cell file is intact with the same spec hash. A cell whose file is
+gone though it was measured is `missing`, one whose file is unreadable or truncated is `damaged` (with `repair`,
+the file is moved to `damaged/`), one whose file records another cell is `misnamed` (the file is never read into
+the table): never `ok`. Cells the plan ruled infeasible get a row from the plan with the reason; a cell that
+failed and was not yet remeasured shows its latest failure; any other cell without a file is `pending`. Stray
+files in the directory are never read.
 """
 
 from __future__ import annotations
@@ -16,32 +20,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infscale.campaign.plan import PlannedCell
+from infscale.results.integrity import check_cells
 from infscale.results.io import cell_file, failure_cell_id, write_table_atomic
 from infscale.results.schemas import SUMMARY_COLUMNS, SUMMARY_SCHEMA
 
 
 def merge_cells(planned: list[PlannedCell], results_dir: Path, gpus_per_node: int,
-                summaries: list[Path] = ()) -> pl.DataFrame:
+                summaries: list[Path] = (), repair: bool = False) -> pl.DataFrame:
     results_dir = Path(results_dir)
-    on_disk = {p.cell.id: p.cell.spec_hash for p in planned
-               if p.feasible and cell_file(results_dir, p.cell.id).exists()}
-    indexed = _rows_from_summaries(summaries, on_disk)
+    check = check_cells(results_dir, {p.cell.id: (p.cell.spec_hash, p.cell.spec_json) for p in planned if p.feasible},
+                        list(summaries), repair)
+    on_disk = {p.cell.id: p.cell.spec_hash for p in planned if p.cell.id in check.valid}
+    indexed = _rows_from_summaries(check.summaries, on_disk)
     covered = set(indexed.get_column("cell_id").to_list()) if indexed is not None else set()
     present = [str(cell_file(results_dir, cell_id)) for cell_id in on_disk if cell_id not in covered]
     missing = [p for p in planned if p.feasible and p.cell.id not in on_disk]
     synthetic = [_plan_row(p, gpus_per_node, "infeasible", p.reason) for p in planned if not p.feasible]
     failures = _latest_failures(results_dir, {m.cell.id for m in missing})
     for item in missing:
-        failure = failures.get(item.cell.id)
-        synthetic.append(failure or _plan_row(item, gpus_per_node, "pending", "not measured yet"))
+        problem = check.status(item.cell.id)  # missing, damaged or misnamed: its own status, never ok
+        synthetic.append(_plan_row(item, gpus_per_node, *problem) if problem else
+                         failures.get(item.cell.id) or _plan_row(item, gpus_per_node, "pending", "not measured yet"))
     frames = [] if indexed is None else [indexed]
-    if present:  # a file under a planned id but with another spec is never taken for that cell
-        direct = read_summary_rows(present)
-        foreign = direct.filter(pl.col("spec_hash") != pl.col("cell_id").replace_strict(on_disk, default=None))
-        if foreign.height:
-            raise ValueError(f"{foreign.height} cell file(s) hold another spec than their name says, e.g. "
-                             f"{cell_file(results_dir, foreign['cell_id'][0])}; move them away")
-        frames.append(direct)
+    if present:
+        frames.append(read_summary_rows(present))
     if synthetic:
         frames.append(pl.from_arrow(pa.Table.from_pylist(synthetic, schema=SUMMARY_SCHEMA)))
     if not frames:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from infscale.analysis.figures import FigureResult, read_manifest
 from infscale.results.io import write_text_atomic
+from infscale.results.schemas import MERGED_STATUSES
 
 # At most this many cell files are opened for their provenance; beyond it, the first and last cell of each bench job.
 PROVENANCE_ALL_UP_TO = 200
@@ -142,7 +143,7 @@ def _provenance_section(cells: pl.DataFrame, config_hash: str, cells_config_hash
     started, ended = ok.get_column("started_at").drop_nulls(), ok.get_column("ended_at").drop_nulls()
     rows = [
         ("config hash", hash_note),
-        ("cells", ", ".join(f"{statuses[s]} {s}" for s in ("ok", "infeasible", "failed", "pending") if statuses[s])),
+        ("cells", ", ".join(f"{statuses[s]} {s}" for s in MERGED_STATUSES if statuses[s])),
         ("measured / predicted", f"{int((~predicted).sum())} measured, {int(predicted.sum())} predicted by the "
                                  "sim backend's model"),
         ("backends", _values(ok if ok.height else cells, "backend")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 
 from infscale.analysis.variants import labelled, with_variant
+from infscale.results.schemas import FILE_PROBLEMS, MERGED_STATUSES
 
 OK = pl.col("status") == "ok"
 
@@ -16,10 +17,19 @@ def summary_markdown(frame: pl.DataFrame, campaign: str, backend: str, hardware:
     lines = [
         f"# Campaign `{campaign}` — backend `{backend}` on `{hardware}` ({kind})",
         "",
-        f"{frame.height} cells planned: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
-                                                      ("ok", "infeasible", "failed", "pending") if counts.get(s)),
+        f"{frame.height} cells planned: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in MERGED_STATUSES
+                                                      if counts.get(s)),
         "",
     ]
+    problems = frame.filter(pl.col("status").is_in(FILE_PROBLEMS))
+    if problems.height:  # first, so nobody reads the tables below as complete
+        lines += ["## cell files needing attention", "",
+                  f"{problems.height} planned cell(s) have a missing, damaged or misnamed file (see "
+                  "`logs/cell-check.log` and `damaged/`); a rerun measures the missing and damaged ones again, a "
+                  "misnamed file must be moved away by hand:", ""]
+        lines += [f"- `{row['cell_id']}`: {row['status']}: {row['reason']}"
+                  for row in problems.select("cell_id", "status", "reason").iter_rows(named=True)]
+        lines.append("")
     for model in frame.get_column("model").unique(maintain_order=True).to_list():
         rows = frame.filter((pl.col("model") == model) & OK)
         if rows.is_empty():

@@ -22,7 +22,8 @@ from infscale.launch.registry import ACTIVE_STATES, Attempt, Registry, driver_lo
 from infscale.launch.resources import container_python, job_resources, local_executor, submitit_parameters
 from infscale.launch.settings import LauncherSettings
 from infscale.pipeline import CampaignRun
-from infscale.results.io import cell_file, existing_spec_hash
+from infscale.results.integrity import MISNAMED, VALID, check_cell_file
+from infscale.results.io import cell_file
 from infscale.results.provenance import utc_now
 
 
@@ -35,27 +36,33 @@ def slurm_job_name(campaign: str, job: str) -> str:
 
 
 def missing_cells(run: CampaignRun, job: str) -> list[str]:
-    """Cells of the job without a result file (measured or measured-infeasible)."""
+    """Cells of the job without an intact result file (measured or measured-infeasible)."""
     return [p.cell.id for p in run.jobs()[job]
-            if existing_spec_hash(cell_file(run.results_dir, p.cell.id)) != p.cell.spec_hash]
+            if check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash, p.cell.spec_json).state
+            != VALID]
 
 
 def drive_job(run: CampaignRun, job: str, settings: LauncherSettings,
               log: Callable[[str], None] = print) -> None:
     """Return when every cell of `job` is on disk; raise JobFailed otherwise."""
-    if settings.executor == "debug":
-        BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job, settings.trtllm)()
-    else:
-        registry = Registry(run.results_dir)
-        with driver_lock(registry.folder / f"{job}.lock", f"bench job {job} of campaign {run.campaign.name}"):
-            if settings.executor == "local":
-                _drive_local(run, job, settings)
-            else:
-                _drive_slurm(run, job, settings, registry, log)
+    registry = Registry(run.results_dir)
+    # one live driver per bench job, whatever the executor: a second one (say, of a workflow started again while
+    # a killed workflow's bench job still runs) is refused instead of measuring the same cells
+    with driver_lock(registry.folder / f"{job}.lock", f"bench job {job} of campaign {run.campaign.name}", log):
+        if settings.executor == "debug":
+            BenchJob(str(run.campaign_file), str(run.results_root), run.packing, job, settings.trtllm)()
+        elif settings.executor == "local":
+            _drive_local(run, job, settings)
+        else:
+            _drive_slurm(run, job, settings, registry, log)
     missing = missing_cells(run, job)
     if missing:
+        refused = [found.reason for p in run.jobs()[job] if p.cell.id in missing
+                   and (found := check_cell_file(cell_file(run.results_dir, p.cell.id), p.cell.spec_hash,
+                                                 p.cell.spec_json)).state == MISNAMED]
         raise JobFailed(f"{job}: {len(missing)} cell(s) not measured (see {run.results_dir}/failures/ and "
-                        f"logs/measured.log); rerun to retry them")
+                        "logs/measured.log); rerun to retry them"
+                        + (f"; {len(refused)} refused: {refused[0]}; move that file away" if refused else ""))
 
 
 def _drive_local(run: CampaignRun, job: str, settings: LauncherSettings) -> None:

@@ -16,8 +16,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from infscale.results.io import write_text_atomic
 from infscale.results.provenance import utc_now
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -65,10 +66,7 @@ class Registry:
         return JobRecord(data["job"], [Attempt(**a) for a in data["attempts"]])
 
     def save(self, record: JobRecord) -> None:
-        path = self.path(record.job)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(record), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(self.path(record.job), json.dumps(asdict(record), indent=1))
 
     def records(self) -> list[JobRecord]:
         return [self.load(p.stem) for p in sorted(self.folder.glob("*.json")) if not p.name.startswith(".")]
@@ -91,9 +89,7 @@ class Registry:
             except (OSError, ValueError, KeyError):
                 pass  # no cache, or a damaged one: query again
             states = query_states(self.active_ids())
-            tmp = cache.with_name(f".status.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"queried_at": time.time(), "states": states}))
-            os.replace(tmp, cache)
+            write_text_atomic(cache, json.dumps({"queried_at": time.time(), "states": states}))
             return states
 
     def invalidate_states(self) -> None:
@@ -179,8 +175,9 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def driver_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold `path` while driving `what`. A lock whose process is dead (same host) is taken over."""
+def driver_lock(path: Path, what: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold `path` while driving `what`. A lock whose process is dead (same host) is taken over, and `log` is
+    told so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now()}
     with _flock(path.with_name(path.name + ".guard")):
@@ -196,6 +193,9 @@ def driver_lock(path: Path, what: str) -> Iterator[None]:
                     f"(since {holder.get('started_at')}); stop that driver first"
                     + ("" if same_host else f", or remove {path} if it is gone")
                 )
+            if holder and log:
+                log(f"taking over {what} from a driver that is gone (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('started_at')})")
         path.write_text(json.dumps(me))
     try:
         yield

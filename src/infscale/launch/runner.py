@@ -22,11 +22,12 @@ from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
 from infscale.launch.failures import Failure, classify_error
 from infscale.results import provenance
+from infscale.results.integrity import DAMAGED, MISNAMED, VALID, FileCheck, check_cell_file, move_aside
 from infscale.results.io import (
     build_cell_table,
     cell_file,
-    existing_spec_hash,
     failure_file,
+    measured_log,
     read_summary,
     write_cell,
     write_table_atomic,
@@ -55,14 +56,18 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
         if not item.feasible:
             continue  # infeasible by the plan: never run (the merge reports them from the plan)
         path = cell_file(results_dir, item.cell.id)
-        stored = existing_spec_hash(path)
-        if stored == item.cell.spec_hash:
-            outcomes.append(CellOutcome(item.cell.id, "skipped", summary=read_summary(path)))
+        found = check_cell_file(path, item.cell.spec_hash, item.cell.spec_json)
+        if found.state == VALID:
+            try:
+                outcomes.append(CellOutcome(item.cell.id, "skipped", summary=read_summary(path)))
+                continue
+            except (OSError, pa.ArrowException) as err:  # an intact footer over damaged data
+                found = FileCheck(DAMAGED, f"its summary row cannot be read ({err})")
+        if found.state == MISNAMED:  # an id collision or a hand-edited file: never overwrite, never guess
+            outcomes.append(CellOutcome(item.cell.id, "failed", f"{found.reason}; move it away to measure the cell"))
             continue
-        if stored is not None:  # an id collision or a hand-edited file: never overwrite, never guess
-            outcomes.append(CellOutcome(item.cell.id, "failed", f"{path} holds a different cell (spec hash "
-                                        f"{stored}, expected {item.cell.spec_hash}); move it away to remeasure"))
-            continue
+        if found.state == DAMAGED:  # kept in damaged/ with its reason, and measured again below
+            move_aside(results_dir, path, found.reason or "damaged")
         by_build[BuildSpec.for_cells([item.cell])].append(item)
     try:
         for build, items in by_build.items():
@@ -113,7 +118,7 @@ def run_cells(campaign: Campaign, planned: list[PlannedCell], results_dir: Path,
 
 def _log_measurement(results_dir: Path, outcome: CellOutcome) -> None:
     """Append-only audit trail: which cell was measured when, where, by which Slurm job, with what result."""
-    path = Path(results_dir) / "logs" / "measured.log"
+    path = measured_log(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = "\t".join([provenance.utc_now(), outcome.cell_id, outcome.status, socket.gethostname(),
                       os.environ.get("SLURM_JOB_ID", "-"), (outcome.reason or "").replace("\t", " ")[:300]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,11 @@ class SchemaVersionError(ValueError):
 
 def cell_file(results_dir: Path, cell_id: str) -> Path:
     return Path(results_dir) / "cells" / f"{cell_id}.parquet"
+
+
+def measured_log(results_dir: Path) -> Path:
+    """`logs/measured.log`: one line per measured cell (UTC time, cell id, status, host, Slurm job, reason)."""
+    return Path(results_dir) / "logs" / "measured.log"
 
 
 def failure_file(results_dir: Path, cell_id: str) -> Path:
@@ -83,6 +88,19 @@ def _nested(columns: dict[str, Any] | None, struct: pa.StructType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array([0, len(values)], type=pa.int32()), values)
 
 
+def new_temp_file(path: Path) -> str:
+    """Create an empty, uniquely named temporary file beside `path`, to be renamed over it when complete. Its mode
+    is 0o666 less the umask, as for any new file (0o644 under umask 022, 0o664 under 002): `tempfile.mkstemp`
+    would make it 0o600 and leave the results unreadable to a group sharing the folder."""
+    while True:
+        name = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return name
+        except FileExistsError:  # a name another writer just drew: draw again
+            continue
+
+
 def write_cell(path: Path, table: pa.Table, provenance: dict[str, Any], cell_json: str) -> Path:
     """Write atomically: a temporary file in the same directory, then a hard link to the final name, which
     fails if the name exists. A killed writer leaves only a `.tmp` file, never a complete-looking result."""
@@ -94,8 +112,7 @@ def write_cell(path: Path, table: pa.Table, provenance: dict[str, Any], cell_jso
         META_CELL: cell_json.encode(),
     }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp_name = new_temp_file(path)
     try:
         pq.write_table(table, tmp_name, compression="zstd")
         with open(tmp_name, "rb") as handle:
@@ -116,8 +133,7 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_VERSION: SCHEMA_VERSION.encode(),
                                            **(metadata or {})})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp_name = new_temp_file(path)
     try:
         pq.write_table(table, tmp_name, compression="zstd")
         os.replace(tmp_name, path)
@@ -137,7 +153,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write a small binary file (a figure) complete or not at all, replacing an older one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = Path(new_temp_file(path))
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -169,13 +185,6 @@ def check_schema_version(version: str, source: object) -> None:
             f"{source}: schema version {version} cannot be read by this infscale (schema {SCHEMA_VERSION}); "
             "use the infscale release that wrote it"
         )
-
-
-def existing_spec_hash(path: Path) -> str | None:
-    """The spec hash stored in a complete result file, or None when there is no file."""
-    if not Path(path).exists():
-        return None
-    return pq.read_table(path, columns=["spec_hash"]).column("spec_hash")[0].as_py()
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -38,7 +38,30 @@ def git_commit() -> str | None:
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+    return out.stdout.strip() + (DIRTY_SUFFIX if dirty else "")
+
+
+DIRTY_SUFFIX = "-dirty"
+
+
+def split_commit(commit: str | None) -> tuple[str | None, bool]:
+    """(the commit, whether the working tree had uncommitted changes) of a `git_commit()` value."""
+    if commit and commit.endswith(DIRTY_SUFFIX):
+        return commit.removesuffix(DIRTY_SUFFIX), True
+    return commit, False
+
+
+def describe_commit(commit: str | None, dirty: bool = False) -> str:
+    """How a document names the code's commit (a `git_commit()` value, or a clean one and `dirty`): code with
+    uncommitted changes is never passed off as that commit's code."""
+    clean, suffixed = split_commit(commit)
+    dirty = dirty or suffixed
+    if clean is None:
+        return "an unknown commit (not run from a git checkout)"
+    if dirty:
+        return (f"commit `{clean}` with uncommitted changes (the working tree was dirty: the code that ran is not "
+                "exactly that commit)")
+    return f"commit `{clean}`"
 
 
 @lru_cache(maxsize=1)

@@ -11,6 +11,10 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1.1"  # 1.1: GPU telemetry columns and the `telemetry` list (1.0 files read with them null)
 STATUSES = ("ok", "infeasible", "failed", "cancelled", "pending")
+# The merged table's status of a planned cell whose file is gone though measured, unreadable, or holds another
+# cell (results/integrity.py); never written into a cell file.
+FILE_PROBLEMS = ("missing", "damaged", "misnamed")
+MERGED_STATUSES = ("ok", "infeasible", "failed", "pending", *FILE_PROBLEMS)   # in the order summaries list them
 
 IDENTITY_FIELDS: list[pa.Field] = [
     pa.field("cell_id", pa.string(), nullable=False),
