@@ -51,6 +51,8 @@ FORMS: dict[str, str] = {
     ".venv/bin/infscale plan config/demo.yaml --cells": "run",
     ".venv/bin/infscale predict --model llama-3.1-8b --hardware h200-sxm --precision fp8 --tp 1 --pp 1 --dp 1 "
     "--isl 128 --osl 2048 --requests 2000 --json": "run",
+    ".venv/bin/infscale predict --engine trtllm --model llama-3.3-70b --hardware h100-sxm --precision fp8/fp8 "
+    "--tp 1 --isl 1024 --osl 1024 --arrival concurrency:16": "run",
     ".venv/bin/snakemake --profile profiles/local --config campaign=config/my.yaml": "run",
     ".venv/bin/infscale summary config/my.yaml": "run",
     ".venv/bin/infscale figures config/my.yaml": "run",

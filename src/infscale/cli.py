@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--kv-memory-fraction", type=_positive)
     predict.add_argument("--kv-block-size", type=_count)
     predict.add_argument("--router", choices=("round_robin", "least_loaded"))
+    predict.add_argument("--scheduler-policy", choices=("guaranteed_no_evict", "max_utilization"),
+                         help="KV capacity scheduling (default: the engine's own)")
+    predict.add_argument("--engine", choices=("trtllm", "torch"),
+                         help="the engine the prediction stands for: trtllm composes iterations from measured "
+                         "TensorRT-LLM operator latencies and schedules as trtllm-bench does; torch (as when left "
+                         "out) is the roofline model with the catalog's or --profile's constants")
     predict.add_argument("--seed", type=_natural, default=0)
     predict.add_argument("--profile", type=Path, help="hardware profile (infscale calibrate) instead of the "
                          "catalog's efficiency constants")
@@ -298,12 +304,17 @@ def main(argv: list[str] | None = None) -> int:
             args.snakemake_args = passthrough
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else 2
+    from infscale.opdata import OperatorDataError
+
     try:
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return status
     except SpecError as err:
         print(err, file=sys.stderr)
+        return 2
+    except OperatorDataError as err:  # the trtllm engine model without its measured tables
+        print(f"infscale {args.command}: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `infscale predict … | head -1`: the reader left; stop quietly
         _stdout_to_devnull()
@@ -980,7 +991,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     engine = {k: v for k, v in {
         "max_num_seqs": args.max_num_seqs, "max_num_tokens": args.max_num_tokens,
         "kv_memory_fraction": args.kv_memory_fraction, "kv_block_size": args.kv_block_size,
-        "router": args.router,
+        "router": args.router, "scheduler_policy": args.scheduler_policy,
     }.items() if v is not None}
     layout = f"dp{args.dp}tp{args.tp}pp{args.pp}" + (f"ep{args.ep}" if args.ep > 1 else "")
     gpus = args.dp * args.tp * args.pp
@@ -998,6 +1009,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                        "arrival": args.arrival}],
         "engine": engine, "seed": args.seed,
     }
+    if args.engine:
+        raw["sim"] = {"engine": args.engine}
     campaign = campaign_from_dict(raw, source="infscale predict")
     profile_name = None
     if args.profile:
@@ -1014,6 +1027,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "kv_capacity_tokens": item.memory.kv_tokens_per_replica, "max_concurrency": item.max_concurrency,
         "weights_gib_per_gpu": round(item.memory.weights_bytes_per_gpu / 2**30, 3),
         "requests": item.cell.requests, "predicted": True, "profile": profile_name,
+        "engine": campaign.sim_engine or "roofline", "operator_data": _operator_data(campaign),
+        "max_num_seqs": item.cell.engine.max_num_seqs, "max_num_tokens": item.cell.engine.max_num_tokens,
     }
     if item.feasible:
         measured = SimBackend().measure(item.cell, None, campaign)  # type: ignore[arg-type]
@@ -1029,6 +1044,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             shown = f"{value:,.3f}" if isinstance(value, float) else value
             print(f"{key:<{width}}  {shown}")
     return 0
+
+
+def _operator_data(campaign) -> str | None:
+    """The measured data a trtllm-engine prediction composes (None for the roofline model)."""
+    if campaign.sim_engine != "trtllm":
+        return None
+    from infscale.opdata import data_version
+
+    return data_version()
 
 
 COMMANDS = {

@@ -38,6 +38,12 @@ MAX_SEED = 2**63 - 1
 MAX_PP = 4096                   # pipeline stages or micro-batches (far above any model's layer count)
 BACKENDS = ("sim", "torch", "trtllm")
 ROUTERS = ("round_robin", "least_loaded")
+ENGINES = ("trtllm", "torch")   # what the sim's step model stands for (SimSettings.engine)
+# Knob defaults of an engine where the campaign leaves a knob unset: TensorRT-LLM as trtllm-bench configures it
+# (BuildConfig's max_batch_size 2048 and max_num_tokens 8192, tokens_per_block 32); others take EngineKnobs'.
+ENGINE_KNOB_DEFAULTS: dict[str | None, dict[str, object]] = {
+    "trtllm": {"max_num_seqs": 2048, "max_num_tokens": 8192, "kv_block_size": 32},
+}
 
 
 class SpecError(ValueError):
@@ -141,9 +147,16 @@ class Arrival(_Strict):
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
     concurrency: Concurrency | None = None
     rate: Rate | None = None
+    stagger: bool = Field(
+        default=False,
+        description="concurrency, sim backend: the clients start spread evenly over one request's latency (the "
+        "steady state a long benchmark settles into) instead of all at t=0 (as trtllm-bench starts them)")
 
     @model_validator(mode="after")
     def _parameters_match_mode(self) -> "Arrival":
+        if self.stagger and self.mode != "concurrency":
+            raise ValueError(f"'stagger' spreads the start of closed-loop clients: arrival mode 'concurrency' only "
+                             f"(got mode '{self.mode}')")
         if self.mode == "concurrency" and self.concurrency is None:
             raise ValueError("arrival mode 'concurrency' needs 'concurrency: N'")
         if self.mode == "poisson" and self.rate is None:
@@ -157,7 +170,7 @@ class Arrival(_Strict):
     @property
     def label(self) -> str:
         if self.mode == "concurrency":
-            return f"c{self.concurrency}"
+            return f"c{self.concurrency}" + ("s" if self.stagger else "")
         if self.mode == "poisson":
             return f"r{self.rate:g}"
         return "off"
@@ -169,6 +182,7 @@ class ArrivalSweep(_Strict):
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
     concurrency: Concurrency | list[Concurrency] | None = None
     rate: Rate | list[Rate] | None = None
+    stagger: bool = False
 
     @model_validator(mode="after")
     def _parameters_match_mode(self) -> ArrivalSweep:
@@ -180,10 +194,11 @@ class ArrivalSweep(_Strict):
 
     def expand(self) -> list[Arrival]:
         if self.mode == "concurrency":
-            return [Arrival(mode="concurrency", concurrency=c) for c in _as_list(self.concurrency)]
+            return [Arrival(mode="concurrency", concurrency=c, stagger=self.stagger)
+                    for c in _as_list(self.concurrency)]
         if self.mode == "poisson":
-            return [Arrival(mode="poisson", rate=r) for r in _as_list(self.rate)]
-        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate)]  # validates extras
+            return [Arrival(mode="poisson", rate=r, stagger=self.stagger) for r in _as_list(self.rate)]
+        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate, stagger=self.stagger)]
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -210,6 +225,13 @@ class EngineKnobs(_Strict):
         "by default one per stage; torch: 1; TensorRT-LLM schedules them itself and takes no value). The torch "
         "engine takes 0, 1 or pp. Ignored (and left out of the cell) where pp = 1",
     )
+    scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] | None = Field(
+        default=None,
+        description="KV capacity scheduling [trtllm-bench --scheduler_policy]: guaranteed_no_evict admits a request "
+        "only when its whole sequence fits (never preempts); max_utilization admits while blocks are free and "
+        "preempts the newest request when they run out. None: the engine's own (TensorRT-LLM: guaranteed_no_evict; "
+        "the torch engine and the sim's roofline model: max_utilization)",
+    )
 
 
 class EngineSweep(_Strict):
@@ -221,13 +243,15 @@ class EngineSweep(_Strict):
     kv_block_size: int | list[int] | None = None
     router: str | list[str] | None = None
     pp_microbatches: int | list[int] | None = None
+    scheduler_policy: str | list[str] | None = None
 
     def merged_over(self, base: "EngineSweep") -> "EngineSweep":
         ours = self.model_dump(exclude_none=True)
         return EngineSweep(**{**base.model_dump(exclude_none=True), **ours})
 
-    def expand(self) -> list[EngineKnobs]:
-        values = self.model_dump(exclude_none=True)
+    def expand(self, defaults: dict[str, object] | None = None) -> list[EngineKnobs]:
+        """Every combination of the swept knobs; unset knobs take `defaults` (an engine's), then EngineKnobs'."""
+        values = {**(defaults or {}), **self.model_dump(exclude_none=True)}
         combos: list[dict[str, Any]] = [{}]
         for key, value in values.items():
             combos = [{**c, key: v} for c in combos for v in _as_list(value)]
@@ -341,6 +365,18 @@ class Workload(_Strict):
         return [(self.isl, osl) for osl in self.osl]  # type: ignore[misc]
 
 
+class SimSettings(_Strict):
+    """`sim:` — how the `sim` backend (and every prediction of a campaign) models an iteration."""
+
+    engine: Literal["trtllm", "torch"] | None = Field(
+        default=None,
+        description="the engine the step model stands for: trtllm composes each iteration from measured "
+        "TensorRT-LLM operator latencies (aiconfigurator-core) and schedules as trtllm-bench does; torch is the "
+        "roofline model with the hardware profile's constants. None: the backend's engine (a trtllm campaign "
+        "predicts TensorRT-LLM, a torch campaign the torch engine); for backend sim, the roofline model",
+    )
+
+
 class HardwareTarget(_Strict):
     name: str
     nodes: int = Field(default=1, gt=0, le=MAX_NODES, description="most nodes one layout may use")
@@ -365,6 +401,7 @@ class CampaignSpec(_Strict):
     max_requests: int = Field(default=16384, gt=0, le=MAX_REQUESTS, description="upper bound for 'auto'")
     arrival: ArrivalSweep = Field(default_factory=ArrivalSweep)
     engine: EngineSweep = Field(default_factory=EngineSweep)
+    sim: SimSettings = Field(default_factory=SimSettings)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @field_validator("models", mode="before")
@@ -451,6 +488,26 @@ class Campaign:
     def prediction_profile(self) -> str | None:
         """The label sim cells carry (it enters their spec hash: other constants, other predictions)."""
         return self.profile.label if self.profile is not None and self.spec.backend == "sim" else None
+
+    @property
+    def sim_engine(self) -> str | None:
+        """The engine the predictions stand for: `sim.engine`, else the backend's (None: the roofline model)."""
+        return engine_of(self.spec)
+
+    @property
+    def engine_knob_defaults(self) -> dict[str, object]:
+        """The knobs unset in the campaign take the engine's defaults (TensorRT-LLM's as trtllm-bench sets them)."""
+        return dict(ENGINE_KNOB_DEFAULTS.get(self.sim_engine, {}))
+
+    @property
+    def prediction_engine(self) -> str | None:
+        """The label sim cells predicted by an engine model other than the roofline carry (in their spec hash):
+        the engine and the version of the measured data it composes."""
+        if self.spec.backend != "sim" or self.sim_engine != "trtllm":
+            return None
+        from infscale.opdata import data_version
+
+        return f"trtllm/{data_version().split(' ')[0]}"
 
     @property
     def name(self) -> str:
@@ -561,19 +618,40 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         own_sizes = workload.engine is not None and (workload.engine.max_num_tokens is not None
                                                      or workload.engine.kv_block_size is not None)
         where = f"workloads[{w}].engine" if own_sizes else "engine"
-        for k in engine.expand():
+        for k in engine.expand(ENGINE_KNOB_DEFAULTS.get(engine_of(spec), {})):
             line = (f"{source}: {where}.max_num_tokens: {k.max_num_tokens} is below "
                     f"kv_block_size {k.kv_block_size}")
             if k.max_num_tokens < k.kv_block_size and line not in problems:
                 problems.append(line)
-            line = (f"{source}: {where}.pp_microbatches: the trtllm backend schedules PP micro-batches itself; "
+            who = "the trtllm backend" if spec.backend == "trtllm" else "TensorRT-LLM (sim.engine: trtllm)"
+            line = (f"{source}: {where}.pp_microbatches: {who} schedules PP micro-batches itself; "
                     f"leave it out (got {k.pp_microbatches})")
-            if spec.backend == "trtllm" and k.pp_microbatches is not None and line not in problems:
+            if engine_of(spec) == "trtllm" and k.pp_microbatches is not None and line not in problems:
                 problems.append(line)
     problems += engine_problems
+    staggered = [k for k, w in [("arrival", spec.arrival)] + [(f"workloads[{i}].arrival", w.arrival)
+                                                                for i, w in enumerate(spec.workloads)]
+                 if w is not None and w.stagger]
+    if staggered and spec.backend != "sim":
+        problems.append(f"{source}: {staggered[0]}.stagger: staggered client starts are a prediction setting of "
+                        f"the sim backend (a real {spec.backend} run starts its clients as its benchmark does)")
+    if engine_of(spec) == "trtllm":
+        from infscale.opdata import SYSTEMS
+
+        if hardware.name not in SYSTEMS:
+            key = "sim.engine" if spec.sim.engine else "backend"
+            problems.append(f"{source}: {key}: the trtllm engine model has measured operator tables for "
+                            f"{', '.join(SYSTEMS)} only (hardware is {hardware.name})")
     if problems:
         raise SpecError(problems)
     return Campaign(spec, path, config_hash, models, hardware, layouts, profile)
+
+
+def engine_of(spec: CampaignSpec) -> str | None:
+    """The engine a campaign's predictions stand for: `sim.engine`, else the backend's (None: the roofline)."""
+    if spec.sim.engine is not None:
+        return spec.sim.engine
+    return spec.backend if spec.backend in ENGINES else None
 
 
 def _with_profile(source: str, given: str, path: Path | None, hardware: Hardware) -> tuple[Hardware, ProfileRef]:

@@ -83,7 +83,8 @@ class TorchBackend:
         # lowers it to what its device holds now. A proxy gets the full model's token capacity (its slice's
         # bytes per token), so its scheduler admits what a full run's would.
         config = ReplicaConfig(max(1, memory.kv_blocks_per_replica), cell.engine.kv_block_size,
-                               cell.engine.max_num_seqs, cell.engine.max_num_tokens)
+                               cell.engine.max_num_seqs, cell.engine.max_num_tokens,
+                               cell.engine.scheduler_policy or "max_utilization")
         return CellWork(arch=arch, tp=cell.tp, pp=cell.pp, dp=cell.dp, requests=requests, routes=routes,
                         arrival=cell.arrival, config=config,
                         dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,

@@ -187,7 +187,7 @@ class RankMember:
         blocks = self._agree_min(blocks, error)
         num_blocks = min(work.config.num_blocks, blocks)
         config = ReplicaConfig(num_blocks, work.config.block_size, work.config.max_num_seqs,
-                               work.config.max_num_tokens)
+                               work.config.max_num_tokens, work.config.capacity_policy)
         executor = None
         try:
             executor = TorchExecutor(model, num_blocks, config.block_size, work.requests.isl, work.requests.osl,
@@ -246,7 +246,7 @@ class RankMember:
         requests = work.requests
         state = RequestState(requests.isl.copy(), requests.osl.copy(), requests.arrival.copy())
         replica = Replica(index, state, executor, config.num_blocks, config.block_size, config.max_num_seqs,
-                          config.max_num_tokens)
+                          config.max_num_tokens, config.capacity_policy)
         uuids = [_uuid(self.device)] if self.device.type == "cuda" else []
         sampler = GpuSampler(uuids, work.telemetry_interval_s) if uuids else None
         if sampler:
