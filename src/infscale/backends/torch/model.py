@@ -48,7 +48,7 @@ class PrefillSeq:
     start: int
     chunk: int
     past: int
-    table: torch.Tensor  # the request's block ids (device, int64)
+    blocks: list[int]  # the request's block ids (at least ceil((past + chunk) / block_size) of them)
 
 
 @dataclass
@@ -63,6 +63,10 @@ class BatchMeta:
     decode_tables: torch.Tensor | None = None  # [num_decode, M] block tables (padded)
     decode_lens: torch.Tensor | None = None    # [num_decode] context including the new token
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # the fused kernels the batch runs through (triton_prefill.PackedOps), None: the plain-torch reference path
+    kernels: object | None = None
+    rope_positions: int = 0        # every position is below this (the size of the fused path's RoPE tables)
+    prefill_plan: object | None = None  # the kernels' prefill plan, built on the first layer for all of them
 
     @property
     def num_tokens(self) -> int:
@@ -215,7 +219,8 @@ class Attention:
                                                  meta.decode_lens)
             for seq in meta.prefills:
                 rows = slice(seq.start, seq.start + seq.chunk)
-                out[rows] = paged_prefill_attention(q[rows], cache.k[local], cache.v[local], seq.table, seq.past)
+                table = torch.as_tensor(seq.blocks, dtype=torch.int64, device=q.device)
+                out[rows] = paged_prefill_attention(q[rows], cache.k[local], cache.v[local], table, seq.past)
         return self.ctx.all_reduce(F.linear(out.reshape(tokens, self.heads * d), self.w_o))
 
 
@@ -497,8 +502,11 @@ class DecoderModel:
             hidden = self.embed_tokens(ids)
         else:
             hidden = ctx.recv_prev((meta.num_tokens, self.arch.hidden_size), self.dtype, self.device)
-        for local, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, cache, local, self.inv_freq)
+        if meta.kernels is not None:
+            hidden = self.packed_layers(hidden, meta, cache, meta.kernels)
+        else:
+            for local, layer in enumerate(self.layers):
+                hidden = layer(hidden, meta, cache, local, self.inv_freq)
         samples = int(meta.sample_index.shape[0])
         if not ctx.is_last_stage:
             ctx.send_next(hidden)
@@ -509,6 +517,48 @@ class DecoderModel:
             out = torch.cat([logits.argmax(dim=-1), finite[None]])
         ctx.broadcast_from_last_stage(out)
         return out[:samples], out[samples]
+
+    # -------------------------------------------------------------------------------------------- packed, fused
+
+    def packed_layers(self, hidden: torch.Tensor, meta: BatchMeta, cache: PagedKVCache, ops) -> torch.Tensor:
+        """This stage's layers over a packed batch (prompt chunks and decodes) through the fused kernels of
+        `ops` (triton_prefill.PackedOps): the eager layers' arithmetic and rounding in a few large kernels per
+        layer (add + RMSNorm, one QKV GEMM for every token, RoPE + K/V write by slot, one attention launch for
+        all prompt chunks and one for the decodes, SwiGLU on the fused gate/up output). `hidden` is updated in
+        place and returned."""
+        cos, sin = self._packed_rope(meta.rope_positions)
+        reduce = self.ctx.all_reduce
+        delta = None
+        for local, layer in enumerate(self.layers):
+            attn, mlp = layer.attn, layer.mlp
+            x = ops.add_rmsnorm(hidden, delta, layer.input_norm, self.eps)
+            qkv = F.linear(x, attn.w_qkv)
+            q = ops.rope_kv_slots(qkv, meta.positions, meta.slots, cos, sin, cache.k[local], cache.v[local],
+                                  attn.heads, attn.kv_heads, attn.head_dim, attn.b_qkv, attn.q_norm, attn.k_norm,
+                                  self.eps)
+            out = ops.attention(q, cache.k[local], cache.v[local], meta)
+            delta = reduce(F.linear(out.reshape(out.shape[0], -1), attn.w_o))
+            x = ops.add_rmsnorm(hidden, delta, layer.post_norm, self.eps)
+            if isinstance(mlp, MoEBlock):
+                delta = reduce(mlp.partial(x, meta.keys, meta.positions))
+            else:
+                delta = reduce(F.linear(ops.silu_mul(F.linear(x, mlp.w_gate_up)), mlp.w_down))
+        return _residual_add(hidden, delta)
+
+    def _packed_rope(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the packed path (its own tables: the decode graphs hold the addresses of theirs, which
+        must never be freed), grown to a power of two when a batch reaches further."""
+        if positions <= 0:
+            raise ValueError("a packed batch on the fused path needs meta.rope_positions (its largest position + 1)")
+        cached = getattr(self, "_packed_rope_tables", None)
+        if cached is None or cached[0].shape[0] < positions:
+            cached = self._packed_rope_tables = self._cos_sin(1 << max(10, (positions - 1).bit_length()))
+        return cached
+
+    def _cos_sin(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, head_dim / 2] in fp32, computed exactly as apply_rope computes them."""
+        freqs = torch.arange(positions, device=self.device).float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos().contiguous(), freqs.sin().contiguous()
 
     # -------------------------------------------------------------------------------------------- fast decode
 
@@ -541,8 +591,7 @@ class DecoderModel:
         cached = getattr(self, "_rope_tables", None)
         if cached is not None and cached[0].shape[0] >= positions:
             return cached
-        freqs = torch.arange(positions, device=self.device).float()[:, None] * self.inv_freq[None, :]
-        self._rope_tables = (freqs.cos().contiguous(), freqs.sin().contiguous())
+        self._rope_tables = self._cos_sin(positions)
         return self._rope_tables
 
     def fast_decode(self, ids: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor,

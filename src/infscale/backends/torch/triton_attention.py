@@ -192,17 +192,21 @@ if triton is not None:
         q_out_ptr, k_pool_ptr, v_pool_ptr, eps,
         stride_qkv, stride_qo_t, stride_qo_h, stride_tb, stride_slot,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr, BY_SLOT: tl.constexpr,
     ):
         """One program per (token, head) with heads 0 … HEADS-1 the queries and HEADS … HEADS+KV-1 the KV heads
         (the latter also store V). qkv [T, (HEADS + 2 KV) · D] as the fused projection writes it; token t of a
-        decode batch sits at position lens[t] - 1, in slot table[t, pos // BLOCK_SIZE] · BLOCK_SIZE + pos % …"""
+        decode batch sits at position lens[t] - 1, in slot table[t, pos // BLOCK_SIZE] · BLOCK_SIZE + pos % …
+        BY_SLOT (a packed batch): lens_ptr holds each token's position and table_ptr its flat KV slot."""
         t = tl.program_id(0)
         h = tl.program_id(1)
         HALF: tl.constexpr = HEAD_DIM // 2
         i = tl.arange(0, HALF)
         dtype = q_out_ptr.dtype.element_ty
-        pos = tl.load(lens_ptr + t).to(tl.int64) - 1
+        if BY_SLOT:
+            pos = tl.load(lens_ptr + t).to(tl.int64)
+        else:
+            pos = tl.load(lens_ptr + t).to(tl.int64) - 1
         cos = tl.load(cos_ptr + pos * HALF + i)
         sin = tl.load(sin_ptr + pos * HALF + i)
         base = qkv_ptr + t * stride_qkv + h * HEAD_DIM
@@ -229,8 +233,11 @@ if triton is not None:
             tl.store(out + HALF + i, y2)
         else:
             kvh = h - HEADS
-            block = tl.load(table_ptr + t * stride_tb + pos // BLOCK_SIZE).to(tl.int64)
-            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+            if BY_SLOT:
+                slot = tl.load(table_ptr + t).to(tl.int64)
+            else:
+                block = tl.load(table_ptr + t * stride_tb + pos // BLOCK_SIZE).to(tl.int64)
+                slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
             dst = slot * stride_slot + kvh * HEAD_DIM
             tl.store(k_pool_ptr + dst + i, y1)
             tl.store(k_pool_ptr + dst + HALF + i, y2)
@@ -586,15 +593,30 @@ class TritonOps:
                 k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
         """Bias, QK-norm, RoPE of one new token per request (position lens - 1); its K/V written to its slot
         (from the block table); returns the queries [B, H, D]."""
+        return self._rope_kv(qkv, lens, tables, tables.stride(0), cos, sin, k_pool, v_pool, heads, kv_heads,
+                             head_dim, bias, q_norm, k_norm, eps, by_slot=False)
+
+    def rope_kv_slots(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int,
+                      head_dim: int, bias: torch.Tensor | None, q_norm: torch.Tensor | None,
+                      k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """As rope_kv for every token of a packed batch, each at its own position, its K/V written to its own
+        flat slot (block · block_size + offset); returns the queries [T, H, D]."""
+        return self._rope_kv(qkv, positions, slots, 0, cos, sin, k_pool, v_pool, heads, kv_heads, head_dim, bias,
+                             q_norm, k_norm, eps, by_slot=True)
+
+    def _rope_kv(self, qkv, where, tables, stride_tb, cos, sin, k_pool, v_pool, heads, kv_heads, head_dim, bias,
+                 q_norm, k_norm, eps, by_slot: bool) -> torch.Tensor:
         tokens = qkv.shape[0]
         q = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
         dummy = cos
         _rope_kv_kernel[(tokens, heads + kv_heads)](
             qkv, bias if bias is not None else dummy, q_norm if q_norm is not None else dummy,
-            k_norm if k_norm is not None else dummy, lens, tables, cos, sin, q, k_pool, v_pool, eps,
-            qkv.stride(0), q.stride(0), q.stride(1), tables.stride(0), kv_heads * head_dim,
+            k_norm if k_norm is not None else dummy, where, tables, cos, sin, q, k_pool, v_pool, eps,
+            qkv.stride(0), q.stride(0), q.stride(1), stride_tb, kv_heads * head_dim,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[1],
-            HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, num_warps=1 if head_dim <= 128 else 2)
+            HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, BY_SLOT=by_slot,
+            num_warps=1 if head_dim <= 128 else 2)
         return q
 
     def finish(self, logits: torch.Tensor, valid: torch.Tensor, result: torch.Tensor, ids: torch.Tensor,
