@@ -12,7 +12,7 @@ from infscale.campaign.cell import Cell
 from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, Campaign, EngineSweep, LayoutSweep, Precision
 from infscale.catalog import Hardware, ModelArch
-from infscale.memory import GIB, MemoryPlan, plan_memory
+from infscale.memory import GIB, MemoryPlan, engine_reserve_bytes, plan_memory
 from infscale.perfmodel import StepModel, build_step_model
 
 PACKING = ("layout", "model")
@@ -74,8 +74,12 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
                         for knobs in knob_list:
                             # a proxy's capacity is the full model's (memory.plan_memory); its estimate stays
                             # the full run's too: an upper bound on the slice's wall time
+                            # the engine's own activation reserve where it is known (torch: its largest
+                            # iteration of max_num_tokens), so the planner and the engine size one KV pool
+                            reserve = engine_reserve_bytes(spec.backend, model, layout.tp, layout.ep,
+                                                           knobs.max_num_tokens, knobs.max_num_seqs)
                             memory = _memory(model, hardware, layout, precision, knobs.kv_memory_fraction,
-                                             knobs.kv_block_size, entry.proxy_layers)
+                                             knobs.kv_block_size, entry.proxy_layers, reserve)
                             context = isl.max_length + osl.max_length
                             concurrency = layout.dp * memory.max_seqs(context, knobs.max_num_seqs)
                             reason = memory.problem(context, model.name, layout)
@@ -117,13 +121,13 @@ _STEP_CACHE: dict[tuple, StepModel] = {}
 
 
 def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Precision, fraction: float,
-            block_size: int, proxy_layers: int | None = None) -> MemoryPlan:
+            block_size: int, proxy_layers: int | None = None, reserve: float | None = None) -> MemoryPlan:
     # the efficiency constants are part of the key: a hardware profile changes them under the same hardware name
     key = (model.name, model.source, hardware.name, hardware.efficiency, layout, precision.weights, precision.kv,
-           fraction, block_size, proxy_layers)
+           fraction, block_size, proxy_layers, reserve)
     if key not in _MEMORY_CACHE:
         _MEMORY_CACHE[key] = plan_memory(model, hardware, layout, precision.weights, precision.kv, fraction,
-                                         block_size, proxy_layers)
+                                         block_size, proxy_layers, activation_reserve_bytes=reserve)
     return _MEMORY_CACHE[key]
 
 

@@ -127,9 +127,10 @@ class TorchExecutor:
     spans whose contexts outgrow the graphs' block tables, prefill iterations and models the path does not
     support run eagerly. With Triton ops, the eager prefill and mixed iterations run through the fused kernels
     of triton_prefill (flash-style paged prefill attention for all prompt chunks in one launch, fused RoPE/KV
-    write, add+RMSNorm, SwiGLU); otherwise through the plain-torch layers. `warmup()` tunes the kernels (CUDA), captures every graph, then warms the
-    path up with a throw-away request; without it graphs are captured when first needed. On CPU, fast=True
-    records the step instead of capturing it (`graph_mode` "record"): the same buffers and padding, for tests."""
+    write, add+RMSNorm, SwiGLU); otherwise through the plain-torch layers. `warmup()` tunes the kernels (CUDA),
+    captures every graph, then warms the path up with a throw-away request; without it graphs are captured when
+    first needed. On CPU, fast=True records the step instead of capturing it (`graph_mode` "record"): the same
+    buffers and padding, for tests."""
 
     deterministic = False
 
