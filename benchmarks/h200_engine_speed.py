@@ -591,8 +591,11 @@ def memory_part(args, report: dict, save) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def environment() -> dict[str, object]:
+def environment(commit: str | None) -> dict[str, object]:
     env = roofline.environment()
+    if commit:  # a copy of the tree without its .git (the device machine): the commit it was made from
+        env["git_commit"] = commit
+        return env
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                            timeout=10).stdout.strip() or None
@@ -650,6 +653,7 @@ def main() -> int:
     parser.add_argument("--reuse", type=Path, help="an earlier engine-speed.json whose probe (and other parts "
                                                    "not run now) is kept")
     parser.add_argument("--hardware", default="h200-sxm")
+    parser.add_argument("--commit", help="the git commit of the code (when the tree that runs has no .git)")
     parser.add_argument("--probe-gib", type=float, default=4.0)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--matmul-n", type=int, default=8192)
@@ -682,7 +686,7 @@ def main() -> int:
     out_file = args.out / "engine-speed.json"
     report: dict[str, object] = json.loads(args.reuse.read_text()) if args.reuse else {}
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    report["environment"] = environment()
+    report["environment"] = environment(args.commit)
     report.setdefault("failures", [])
 
     def save() -> None:
