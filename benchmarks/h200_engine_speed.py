@@ -259,8 +259,9 @@ def prefill_candidates(dry: bool):
     if dry:
         return [PrefillConfig(16, 16, 4, 1), PrefillConfig(32, 16, 4, 1)]
     return [PrefillConfig(128, 64, 8, 2), PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2),
-            PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 4, 3), PrefillConfig(64, 128, 4, 2),
-            PrefillConfig(128, 64, 4, 3)]
+            PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 32, 4, 3), PrefillConfig(128, 64, 4, 3),
+            PrefillConfig(128, 32, 8, 3), PrefillConfig(128, 32, 4, 4), PrefillConfig(128, 64, 8, 4),
+            PrefillConfig(64, 32, 4, 3)]
 
 
 def tune_prefill(k_pools, v_pools, heads: int, chunk: int, configs, reps: int) -> list[dict[str, object]]:
@@ -425,12 +426,60 @@ def prefill_part(args, report: dict, save) -> None:
     matmul = report.get("probe", {}).get("matmul_bf16", {}).get("flops_per_s")
     if matmul:
         part["fraction_of_measured_matmul_rate"] = part["flops_per_s"] / matmul
+    log("prefill: one layer's operations timed alone (where an iteration's time goes)")
+    part["layer_breakdown"] = layer_breakdown(model, executor, chunk, args.reps)
     log(f"prefill: {seconds * 1e3:.1f} ms per {chunk}-token iteration, {part['flops_per_s'] / 1e12:.0f} TFLOP/s, "
         f"MFU {part['prefill_mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s")
     save()
     del executor, model
     if device().type == "cuda":
         torch.cuda.empty_cache()
+
+
+def layer_breakdown(model, executor, tokens: int, reps: int) -> dict[str, object]:
+    """Each operation of one packed layer (a fresh `tokens`-token prompt) timed alone, CUDA events, median: the
+    sum over the layers against the iteration shows what else (launch gaps, embedding, LM head) costs."""
+    import torch.nn.functional as F
+
+    from infscale.backends.torch.triton_prefill import paged_prefill_attention, plan_prefill
+
+    ops = executor.packed_ops
+    layer = model.layers[0]
+    attn, mlp = layer.attn, layer.mlp
+    gen = torch.Generator(device=device())
+    gen.manual_seed(9)
+    hidden = torch.randn((tokens, model.arch.hidden_size), generator=gen, device=device()).to(model.dtype)
+    delta = torch.randn_like(hidden, dtype=torch.float32).to(model.dtype)
+    positions = torch.arange(tokens, device=device())
+    block_size = executor.cache.block_size
+    plan = plan_prefill([0], [tokens], [0], [list(range(-(-tokens // block_size)))], device(),
+                        ops.prefill_config.block_m)
+    cos, sin = model._packed_rope(tokens)
+    k_pool, v_pool = executor.cache.k[0], executor.cache.v[0]
+    x = ops.add_rmsnorm(hidden.clone(), delta, layer.input_norm, model.eps)
+    qkv = F.linear(x, attn.w_qkv)
+    q = ops.rope_kv_slots(qkv, positions, positions, cos, sin, k_pool, v_pool, attn.heads, attn.kv_heads,
+                          attn.head_dim, attn.b_qkv, attn.q_norm, attn.k_norm, model.eps)
+    out = paged_prefill_attention(q, k_pool, v_pool, plan, config=ops.prefill_config)
+    gate_up = F.linear(x, mlp.w_gate_up)
+    act = ops.silu_mul(gate_up)
+    steps = {
+        "add_rmsnorm": lambda: ops.add_rmsnorm(hidden, delta, layer.input_norm, model.eps),
+        "qkv_gemm": lambda: F.linear(x, attn.w_qkv),
+        "rope_kv_write": lambda: ops.rope_kv_slots(qkv, positions, positions, cos, sin, k_pool, v_pool, attn.heads,
+                                                   attn.kv_heads, attn.head_dim, attn.b_qkv, attn.q_norm,
+                                                   attn.k_norm, model.eps),
+        "prefill_attention": lambda: paged_prefill_attention(q, k_pool, v_pool, plan, out, ops.prefill_config),
+        "o_gemm": lambda: F.linear(out.reshape(tokens, -1), attn.w_o),
+        "gate_up_gemm": lambda: F.linear(x, mlp.w_gate_up),
+        "silu_mul": lambda: ops.silu_mul(gate_up),
+        "down_gemm": lambda: F.linear(act, mlp.w_down),
+    }
+    per_op = {name: float(np.median(median_seconds(fn, reps))) for name, fn in steps.items()}
+    per_op["add_rmsnorm"] *= 2  # two per layer
+    layers = len(model.layers)
+    return {"tokens": tokens, "seconds_per_layer": per_op, "layer_seconds": sum(per_op.values()),
+            "all_layers_seconds": layers * sum(per_op.values()), "layers": layers}
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -510,6 +559,42 @@ def moe_step_bytes(model, batch: int, context: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ memory
 
 
+def memory_breakdown(model_name: str, tokens: int) -> dict[str, object]:
+    """Allocated bytes beside weights and KV pool: kept after the warm-up (kernel tuning, CUDA graphs), and the
+    transient peak of one prefill iteration of `tokens` tokens on the fused path."""
+    from infscale.backends.torch.executor import TorchExecutor
+    from infscale.backends.torch.model import DecoderModel
+    from infscale.catalog import get_model
+    from infscale.memory import torch_engine_activation_bytes
+    from infscale.serving.executor import IterationBatch
+
+    arch = get_model(model_name)
+    model = DecoderModel(arch, dtype=torch.bfloat16, device=device(), seed=0)
+    executor = TorchExecutor(model, 2 * -(-tokens // 16) + 64, 16, np.full(2, tokens), np.full(2, 4), seed=0)
+    synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    executor.warmup()
+    synchronize()
+    kept = torch.cuda.memory_allocated() - base
+    warm_peak = torch.cuda.max_memory_allocated() - base
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    empty = np.zeros(0, dtype=np.int64)
+    executor.iteration(IterationBatch(empty, empty, np.array([0]), np.array([tokens]), np.array([0])))
+    synchronize()
+    iteration_peak = torch.cuda.max_memory_allocated() - before
+    out = {"model": model_name, "tokens": tokens, "graph_sizes": executor.graphs.sizes,
+           "warmup_kept_bytes": kept, "warmup_peak_bytes": warm_peak, "iteration_peak_bytes": iteration_peak,
+           "activation_estimate_bytes": torch_engine_activation_bytes(arch, 1, 1, tokens, 2),
+           "reserved_bytes": torch.cuda.memory_reserved()}
+    log(f"  warm-up keeps {kept / GIB:.2f} GiB (peak {warm_peak / GIB:.2f}), a {tokens}-token iteration peaks at "
+        f"{iteration_peak / GIB:.2f} GiB (estimate {out['activation_estimate_bytes'] / GIB:.2f})")
+    del executor, model
+    torch.cuda.empty_cache()
+    return out
+
+
 def memory_part(args, report: dict, save) -> None:
     """Campaign cells at ISL 8K/16K/32K with max_num_tokens 8192 through TorchBackend, as a campaign runs them."""
     from infscale.backends.base import BuildSpec
@@ -520,6 +605,10 @@ def memory_part(args, report: dict, save) -> None:
 
     rows: list[dict[str, object]] = []
     report["memory"] = {"rows": rows, "max_num_tokens": args.memory_max_num_tokens}
+    if device().type == "cuda":
+        log("memory: what the executor's warm-up keeps and one iteration of max_num_tokens needs (Llama-3.1-8B)")
+        report["memory"]["breakdown"] = memory_breakdown("llama-3.1-8b", args.memory_max_num_tokens)
+        save()
     with tempfile.TemporaryDirectory() as scratch:
         models = args.memory_models
         pairs = [[isl, 4] for isl in args.memory_isl]

@@ -153,15 +153,17 @@ def test_silu_mul_matches_torch(dtype, tol):
     assert _rel(prefill.silu_mul(x), torch.nn.functional.silu(gate) * up) < tol
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_rope_kv_slots_matches_torch(arch, family):
-    """Bias, QK-norm, RoPE at each token's own position and the K/V write at its own slot."""
-    model = DecoderModel(arch(family), dtype=torch.float32, seed=4)
+@pytest.mark.parametrize("family, tokens", [("llama", 7), ("qwen2", 7), ("qwen3", 7), ("qwen3", 300)])
+def test_rope_kv_slots_matches_torch(arch, family, tokens):
+    """Bias, QK-norm, RoPE at each token's own position and the K/V write at its own slot (300 tokens: the
+    launch with more heads per program, and a tile of heads past the last one, masked)."""
+    model = DecoderModel(arch(family, num_attention_heads=8, hidden_size=128) if tokens > 100 else arch(family),
+                         dtype=torch.float32, seed=4)
     attn = model.layers[0].attn
     gen = torch.Generator().manual_seed(6)
-    tokens, block_size, blocks = 7, 4, 6
+    block_size, blocks = 4, 80
     qkv = torch.randn(tokens, (attn.heads + 2 * attn.kv_heads) * attn.head_dim, generator=gen)
-    positions = torch.tensor([3, 0, 1, 2, 9, 10, 17])
+    positions = torch.randint(0, 32, (tokens,), generator=gen)
     slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
     shape = (blocks, block_size, attn.kv_heads, attn.head_dim)
     k_pool, v_pool = torch.zeros(shape), torch.zeros(shape)
@@ -247,3 +249,61 @@ def test_packed_forward_bf16_tokens_agree(arch):
     fused = model.logits(model.packed_layers(model.embed_tokens(ids), meta2, cache2, meta2.kernels)[
         meta2.sample_index])
     assert _rel(fused, reference) < 3e-2
+
+
+# ------------------------------------------------------------------------------------------------ MoE experts
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_grouped_moe_kernel_matches_grouped_mm(arch, dtype, tol):
+    """The Triton grouped expert kernel on routed slots (some experts empty, one with more rows than an M
+    tile) gives model.grouped_experts' rows; rows past the last group are left alone."""
+    from infscale.backends.torch.model import grouped_experts
+    from infscale.backends.torch.triton_moe import MoEConfig, moe_experts
+
+    model = DecoderModel(arch("qwen3_moe", num_experts=8, experts_per_token=2), dtype=dtype, seed=5)
+    block = model.layers[0].mlp
+    counts = torch.tensor([0, 21, 3, 0, 1, 5, 0, 2], dtype=torch.int32)  # expert 1: two M tiles of 16
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gathered = torch.randn(int(ends[-1]) + 3, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rows = int(ends[-1])  # the 3 rows past it stand for another rank's slots
+    reference = grouped_experts(gathered, block.w_gate_up, block.w_down, ends)[:rows]
+    for config in (MoEConfig(16, 16, 32, 4, 1), MoEConfig(16, 32, 64, 4, 1)):
+        out = moe_experts(gathered, block.w_gate_up, block.w_down, ends, config)
+        assert _rel(out[:rows], reference) < tol
+
+
+def test_moe_fast_path_with_the_triton_kernels_gives_the_eager_tokens(arch):
+    """Qwen3-MoE through the executor with the Triton ops (interpreter): the grouped expert kernel in the decode
+    step and the packed prefill path give the plain-torch eager run's greedy tokens."""
+    from infscale.backends.torch.executor import TorchExecutor
+    from infscale.campaign.spec import Arrival
+    from infscale.serving.cluster import ReplicaConfig, serve
+    from infscale.serving.workload import Requests
+
+    model = DecoderModel(arch("qwen3_moe"), dtype=torch.float32, seed=14)
+    isl, osl = np.array([7, 5, 10]), np.array([3, 5, 4])
+    tokens = {}
+    for fast in (False, True):
+        executor = TorchExecutor(model, 64, 4, isl, osl, seed=2, fast=fast, fast_ops="triton", graph_sizes=(1, 2, 4))
+        config = ReplicaConfig(num_blocks=64, block_size=4, max_num_seqs=3, max_num_tokens=32)
+        serve(Requests(isl, osl, np.zeros(3)), 1, config, Arrival(), "round_robin", lambda _: executor)
+        executor.check_outputs()
+        tokens[fast] = {r: executor.generated_tokens(r).tolist() for r in range(3)}
+        if fast:
+            assert executor.fast_steps > 0
+    assert tokens[True] == tokens[False]
+
+
+def test_tune_moe_checks_and_chooses_a_launch(arch):
+    from infscale.backends.torch.triton_attention import TritonOps
+    from infscale.backends.torch.triton_moe import moe_candidates, tune_moe
+
+    model = DecoderModel(arch("qwen3_moe"), dtype=torch.float32, seed=6)
+    ops = TritonOps()
+    log = tune_moe(ops, list(model.moe_blocks().values()), [2], reps=1)
+    chosen = [r for r in log if "chosen" in r]
+    assert len(chosen) == 1 and chosen[0]["chosen"] in {str(c) for c in moe_candidates()}
+    assert all(r.get("rel_err", 0) < 2e-2 for r in log if "config" in r and "rejected" not in r)
+    assert set(ops.moe_configs) == {2 * model.arch.experts_per_token}
+    assert int(model.layers[0].mlp.counts.sum()) == 0  # tuning routes nothing that counts

@@ -445,6 +445,11 @@ class TorchExecutor:
             from infscale.backends.torch.triton_attention import tune_linear
 
             tune_linear(self.ops, self.model.fast_linear_sites(), self.graphs.sizes)
+            moe = list(self.model.moe_blocks().values())
+            if moe:
+                from infscale.backends.torch.triton_moe import tune_moe
+
+                tune_moe(self.ops, moe, self.graphs.sizes)
             self._tuned = True
         for graphs in self.pipeline or [self.graphs]:
             graphs.capture()

@@ -302,24 +302,29 @@ class MoEBlock:
         return weights, experts
 
     def partial(self, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's share of the block's output (before the TP all-reduce); no host synchronisation."""
+                valid: torch.Tensor | None = None, experts_fn=None) -> torch.Tensor:
+        """This rank's share of the block's output (before the TP all-reduce); no host synchronisation.
+        `experts_fn(gathered, w_gate_up, w_down, ends)` runs the experts (default `grouped_experts`; the fast
+        decode path passes its ops' `moe_experts`)."""
+        token, offsets, mine = self.sorted_slots(x, keys, positions, valid)
+        out = (experts_fn or grouped_experts)(x[token], self.w_gate_up, self.w_down, offsets)
+        # rows past the last offset are not written by the grouped GEMM: select, never multiply, them away
+        scaled = torch.where(mine > 0, out * mine.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+        return torch.zeros_like(x).index_add_(0, token, scaled)
+
+    def sorted_slots(self, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                     valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route, then sort the routed slots by this rank's expert: (each sorted slot's token [T·k], the group
+        ends [local_experts] int32 cumulative, each sorted slot's routing weight [T·k, 1] (0: another rank's))."""
         weights, experts = self.route(x, keys, positions, valid)
         flat, slot_weights = self._local_slots(experts, weights)
         order = torch.argsort(flat, stable=True)
-        token = order // self.top_k
         # slots of other ranks' experts carry index local_experts: counted in a bin past the last group, so they
         # sort to the end, lie beyond the last offset and get weight 0
         per_expert = torch.zeros(self.local_experts + 1, dtype=torch.int32, device=x.device)
         per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offsets = torch.cumsum(per_expert[:-1], 0, dtype=torch.int32)
-        gathered = x[token]
-        gate, up = torch._grouped_mm(gathered, self.w_gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
-        mine = slot_weights[order, None]
-        # rows past the last offset are not written by the grouped GEMM: select, never multiply, them away
-        scaled = torch.where(mine > 0, out * mine.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-        return torch.zeros_like(x).index_add_(0, token, scaled)
+        ends = torch.cumsum(per_expert[:-1], 0, dtype=torch.int32)
+        return order // self.top_k, ends, slot_weights[order, None]
 
     def _local_slots(self, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each routed slot's expert as an index into this rank's experts (local_experts when it is another
@@ -353,6 +358,15 @@ class MoEBlock:
 
     def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         return self.ctx.all_reduce(self.partial(x, meta.keys, meta.positions))
+
+
+def grouped_experts(gathered: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                    ends: torch.Tensor) -> torch.Tensor:
+    """The experts of routed slots sorted by expert, as two grouped GEMMs (torch._grouped_mm): gathered [S, H]
+    with expert e's rows ends[e-1] … ends[e]-1; w_gate_up [E, 2I, H]; w_down [E, H, I]. Rows past ends[-1] are
+    not written."""
+    gate, up = torch._grouped_mm(gathered, w_gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=ends)
 
 
 class DecoderLayer:
@@ -637,7 +651,7 @@ class DecoderModel:
             delta = reduce(ops.linear(out.reshape(out.shape[0], -1), attn.w_o, "o", partial_ok))
             x = ops.add_rmsnorm(hidden, delta, layer.post_norm, self.eps)
             if isinstance(mlp, MoEBlock):
-                delta = reduce(mlp.partial(x, keys, positions, valid))
+                delta = reduce(mlp.partial(x, keys, positions, valid, experts_fn=ops.moe_experts))
             else:
                 delta = reduce(ops.linear(ops.gate_up(x, mlp.w_gate_up), mlp.w_down, "down", partial_ok))
         if not ctx.is_last_stage and pipelined:
@@ -691,6 +705,7 @@ class TorchFastOps:
     signatures and the same rounding as TritonOps."""
 
     name = "torch"
+    moe_experts = staticmethod(grouped_experts)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, site: str = "", partial_ok: bool = False,
                config=None) -> torch.Tensor:

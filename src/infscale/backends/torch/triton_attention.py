@@ -192,62 +192,63 @@ if triton is not None:
         q_out_ptr, k_pool_ptr, v_pool_ptr, eps,
         stride_qkv, stride_qo_t, stride_qo_h, stride_tb, stride_slot,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr, BY_SLOT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr, BY_SLOT: tl.constexpr, HEADS_PER: tl.constexpr,
     ):
-        """One program per (token, head) with heads 0 … HEADS-1 the queries and HEADS … HEADS+KV-1 the KV heads
-        (the latter also store V). qkv [T, (HEADS + 2 KV) · D] as the fused projection writes it; token t of a
-        decode batch sits at position lens[t] - 1, in slot table[t, pos // BLOCK_SIZE] · BLOCK_SIZE + pos % …
-        BY_SLOT (a packed batch): lens_ptr holds each token's position and table_ptr its flat KV slot."""
+        """One program per (token, tile of HEADS_PER heads), heads 0 … HEADS-1 the queries and HEADS … HEADS+KV-1
+        the KV heads (the latter also store V). qkv [T, (HEADS + 2 KV) · D] as the fused projection writes it;
+        token t of a decode batch sits at position lens[t] - 1, in slot table[t, pos // BLOCK_SIZE] · BLOCK_SIZE
+        + pos % …; BY_SLOT (a packed batch): lens_ptr holds each token's position and table_ptr its flat slot."""
         t = tl.program_id(0)
-        h = tl.program_id(1)
         HALF: tl.constexpr = HEAD_DIM // 2
+        h = tl.program_id(1) * HEADS_PER + tl.arange(0, HEADS_PER)
         i = tl.arange(0, HALF)
         dtype = q_out_ptr.dtype.element_ty
+        is_q = h < HEADS
+        is_k = (h >= HEADS) & (h < HEADS + KV_HEADS)
+        live = is_q | is_k
         if BY_SLOT:
             pos = tl.load(lens_ptr + t).to(tl.int64)
         else:
             pos = tl.load(lens_ptr + t).to(tl.int64) - 1
-        cos = tl.load(cos_ptr + pos * HALF + i)
-        sin = tl.load(sin_ptr + pos * HALF + i)
-        base = qkv_ptr + t * stride_qkv + h * HEAD_DIM
-        x1 = tl.load(base + i).to(tl.float32)
-        x2 = tl.load(base + HALF + i).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * HALF + i)[None, :]
+        sin = tl.load(sin_ptr + pos * HALF + i)[None, :]
+        base = qkv_ptr + t.to(tl.int64) * stride_qkv
+        cols = h[:, None] * HEAD_DIM + i[None, :]
+        x1 = tl.load(base + cols, mask=live[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + cols, mask=live[:, None], other=0.0).to(tl.float32)
         if HAS_BIAS:
-            x1 = (x1 + tl.load(bias_ptr + h * HEAD_DIM + i).to(tl.float32)).to(dtype).to(tl.float32)
-            x2 = (x2 + tl.load(bias_ptr + h * HEAD_DIM + HALF + i).to(tl.float32)).to(dtype).to(tl.float32)
+            x1 = (x1 + tl.load(bias_ptr + cols, mask=live[:, None], other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            x2 = (x2 + tl.load(bias_ptr + HALF + cols, mask=live[:, None], other=0.0).to(tl.float32)).to(
+                dtype).to(tl.float32)
         if HAS_QK_NORM:
-            r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
-            if h < HEADS:
-                w1 = tl.load(qn_ptr + i).to(tl.float32)
-                w2 = tl.load(qn_ptr + HALF + i).to(tl.float32)
-            else:
-                w1 = tl.load(kn_ptr + i).to(tl.float32)
-                w2 = tl.load(kn_ptr + HALF + i).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+            w1 = tl.where(is_q[:, None], tl.load(qn_ptr + i)[None, :].to(tl.float32),
+                          tl.load(kn_ptr + i)[None, :].to(tl.float32))
+            w2 = tl.where(is_q[:, None], tl.load(qn_ptr + HALF + i)[None, :].to(tl.float32),
+                          tl.load(kn_ptr + HALF + i)[None, :].to(tl.float32))
             x1 = ((x1 * r).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
             x2 = ((x2 * r).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
         y1 = (x1 * cos - x2 * sin).to(dtype)
         y2 = (x2 * cos + x1 * sin).to(dtype)
-        if h < HEADS:
-            out = q_out_ptr + t * stride_qo_t + h * stride_qo_h
-            tl.store(out + i, y1)
-            tl.store(out + HALF + i, y2)
+        q_rows = q_out_ptr + t.to(tl.int64) * stride_qo_t + h[:, None] * stride_qo_h
+        tl.store(q_rows + i[None, :], y1, mask=is_q[:, None])
+        tl.store(q_rows + HALF + i[None, :], y2, mask=is_q[:, None])
+        if BY_SLOT:
+            slot = tl.load(table_ptr + t).to(tl.int64)
         else:
-            kvh = h - HEADS
-            if BY_SLOT:
-                slot = tl.load(table_ptr + t).to(tl.int64)
-            else:
-                block = tl.load(table_ptr + t * stride_tb + pos // BLOCK_SIZE).to(tl.int64)
-                slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-            dst = slot * stride_slot + kvh * HEAD_DIM
-            tl.store(k_pool_ptr + dst + i, y1)
-            tl.store(k_pool_ptr + dst + HALF + i, y2)
-            vsrc = base + KV_HEADS * HEAD_DIM
-            j = tl.arange(0, HEAD_DIM)
-            v = tl.load(vsrc + j)
-            if HAS_BIAS:
-                vb = tl.load(bias_ptr + (h + KV_HEADS) * HEAD_DIM + j).to(tl.float32)
-                v = (v.to(tl.float32) + vb).to(dtype)
-            tl.store(v_pool_ptr + dst + j, v)
+            block = tl.load(table_ptr + t * stride_tb + pos // BLOCK_SIZE).to(tl.int64)
+            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+        kvh = tl.where(is_k, h - HEADS, 0)
+        dst = slot * stride_slot + kvh[:, None] * HEAD_DIM
+        tl.store(k_pool_ptr + dst + i[None, :], y1, mask=is_k[:, None])
+        tl.store(k_pool_ptr + dst + HALF + i[None, :], y2, mask=is_k[:, None])
+        j = tl.arange(0, HEAD_DIM)[None, :]
+        vcols = (h[:, None] + KV_HEADS) * HEAD_DIM + j
+        v = tl.load(base + vcols, mask=is_k[:, None], other=0.0)
+        if HAS_BIAS:
+            vb = tl.load(bias_ptr + vcols, mask=is_k[:, None], other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) + vb).to(dtype)
+        tl.store(v_pool_ptr + dst + j, v, mask=is_k[:, None])
 
     @triton.jit
     def _finish_kernel(
@@ -497,6 +498,7 @@ class TritonOps:
         self.interpret = interpret_mode()
         self.linear_configs: dict[tuple[str, int], LinearConfig] = {}
         self.attn_configs: dict[int, AttnConfig] = {}
+        self.moe_configs: dict[int, object] = {}  # routed slots -> triton_moe.MoEConfig
         self.default_linear = default_linear
         self.tuning_log: list[dict[str, object]] = []
 
@@ -610,13 +612,16 @@ class TritonOps:
         tokens = qkv.shape[0]
         q = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
         dummy = cos
-        _rope_kv_kernel[(tokens, heads + kv_heads)](
+        # a tile of heads per program: a few programs per token (one per head left prefill's 8K tokens × 40 heads
+        # as 330K tiny programs); small decode batches keep more, smaller programs in flight
+        per = min(_pow2(heads + kv_heads), 16 if tokens >= 256 else 4)
+        _rope_kv_kernel[(tokens, triton.cdiv(heads + kv_heads, per))](
             qkv, bias if bias is not None else dummy, q_norm if q_norm is not None else dummy,
             k_norm if k_norm is not None else dummy, where, tables, cos, sin, q, k_pool, v_pool, eps,
             qkv.stride(0), q.stride(0), q.stride(1), stride_tb, kv_heads * head_dim,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[1],
-            HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, BY_SLOT=by_slot,
-            num_warps=1 if head_dim <= 128 else 2)
+            HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, BY_SLOT=by_slot, HEADS_PER=per,
+            num_warps=4 if per >= 8 else (1 if head_dim <= 128 else 2))
         return q
 
     def finish(self, logits: torch.Tensor, valid: torch.Tensor, result: torch.Tensor, ids: torch.Tensor,
@@ -626,6 +631,15 @@ class TritonOps:
         block = min(4096, _pow2(vocab))
         _finish_kernel[(batch,)](logits, valid, result, ids, lens, vocab, logits.stride(0), result.stride(0),
                                  BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
+    def moe_experts(self, gathered: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                    ends: torch.Tensor) -> torch.Tensor:
+        """The MoE experts of a decode step through triton_moe's grouped kernel (model.grouped_experts' function);
+        its launch from `moe_configs` by routed slots (tuned on the device), else the default."""
+        from infscale.backends.torch.triton_moe import moe_experts
+
+        return moe_experts(gathered, w_gate_up, w_down, ends, self.moe_configs.get(gathered.shape[0]),
+                           dot_f32=self.interpret)
 
     def attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                   lens: torch.Tensor, max_context: int, config: AttnConfig | None = None) -> torch.Tensor:
