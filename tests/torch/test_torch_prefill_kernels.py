@@ -307,3 +307,17 @@ def test_tune_moe_checks_and_chooses_a_launch(arch):
     assert all(r.get("rel_err", 0) < 2e-2 for r in log if "config" in r and "rejected" not in r)
     assert set(ops.moe_configs) == {2 * model.arch.experts_per_token}
     assert int(model.layers[0].mlp.counts.sum()) == 0  # tuning routes nothing that counts
+
+
+def test_tuning_reference_in_row_slices_gives_the_whole_product(monkeypatch):
+    """The float64 reference of tune_linear, computed over slices of the weight's rows (its memory bound), is
+    the whole product, SwiGLU pairs included."""
+    from infscale.backends.torch import triton_attention
+
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(3, 32, generator=gen), torch.randn(40, 32, generator=gen)
+    whole = triton_attention._linear_reference(x, w, dual=True)
+    monkeypatch.setattr(triton_attention, "REFERENCE_ROWS", 7)
+    torch.testing.assert_close(triton_attention._linear_reference(x, w, dual=True), whole, rtol=0, atol=1e-12)
+    gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)
+    torch.testing.assert_close(whole, torch.nn.functional.silu(gate) * up)

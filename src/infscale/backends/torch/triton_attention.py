@@ -747,8 +747,14 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+REFERENCE_ROWS = 8192  # weight rows per float64 slice of the tuning reference (its memory bound)
+
+
 def _linear_reference(x: torch.Tensor, w: torch.Tensor, dual: bool) -> torch.Tensor:
-    y = x.double() @ w.double().T
+    """x · wᵀ in float64, over slices of w's rows: a whole float64 copy of the LM head (128256 × 4096) would
+    hold 4 GiB during the warm-up, after the KV pool is sized (seen on an H200, 2026-12-04)."""
+    xd = x.double()
+    y = torch.cat([xd @ w[i:i + REFERENCE_ROWS].double().T for i in range(0, w.shape[0], REFERENCE_ROWS)], dim=1)
     if dual:
         gate, up = y.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
