@@ -247,10 +247,11 @@ class MoEBlock:
     token (activations are replicated across TP), so a rank computes its experts' share of the routed slots and the
     TP all-reduce that follows sums the shares: EP changes how many experts a rank reads and how wide their GEMMs
     are, not the collectives (as an engine that runs EP inside its TP group does; no all-to-all).
-    The expert GEMMs run as two grouped GEMMs (`torch._grouped_mm`) over the routed slots sorted by expert, with
-    the group offsets computed on the device: no host synchronisation, so the block runs inside a CUDA graph and
-    reads each routed expert's weights once per step, as a production engine's grouped-GEMM MoE does.
-    `experts_loop` is the per-expert reference it is tested against."""
+    The expert GEMMs run as two grouped GEMMs (`grouped_experts`: `torch._grouped_mm`; in the fast decode step the
+    Triton grouped kernel of triton_moe.py) over the routed slots sorted by expert, with the group offsets computed
+    on the device: no host synchronisation, so the block runs inside a CUDA graph and reads each routed expert's
+    weights once per step, as a production engine's grouped-GEMM MoE does. `experts_loop` is the per-expert
+    reference they are tested against."""
 
     def __init__(self, arch: ModelArch, layer: int, ctx: ParallelContext, weights: WeightFactory,
                  popularity: ExpertPopularity):
