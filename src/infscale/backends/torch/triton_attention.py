@@ -62,6 +62,52 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _mma(x, w, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """acc + x · wᵀ on the matrix units: fp32 operands in the interpreter (DOT_F32), IEEE for fp32 models."""
+        if DOT_F32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            out = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            out = tl.dot(x, tl.trans(w), acc)
+        return out
+
+    @triton.jit
+    def _swiglu(gate_acc, up_acc, dtype: tl.constexpr):
+        """silu(gate) * up from fp32 values, each stored value rounded to `dtype` as the eager path stores it."""
+        gate = gate_acc.to(dtype).to(tl.float32)
+        up = up_acc.to(dtype).to(tl.float32)
+        return (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+
+    @triton.jit
+    def _softmax_step(q, k, v, valid, m_i, l_i, acc, scale_log2, round_to: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """One key tile of an online softmax in the exp2 domain: scores q · kᵀ · scale (−inf where `valid` is
+        False when MASKED), the running maximum and sum rescaled, and the P · V accumulator with P rounded to
+        `round_to` (the model dtype). Returns (m, l, acc)."""
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+        if MASKED:
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        elif DOT_F32:
+            pv = tl.dot(p.to(round_to).to(tl.float32), v)
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
         scale_log2,
@@ -102,26 +148,8 @@ if triton is not None:
             row = blk * stride_kblk + (toks % BLOCK_SIZE) * stride_ktok + head_off
             k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
             v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(tmask[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            elif DOT_F32:
-                pv = tl.dot(p.to(out_ptr.dtype.element_ty).to(tl.float32), v)
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, k, v, tmask[None, :], m_i, l_i, acc, scale_log2,
+                                          out_ptr.dtype.element_ty, True, DOT_F32, IEEE)
         if NUM_SPLITS == 1:
             out = acc / l_i[:, None]
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -325,10 +353,7 @@ if triton is not None:
         y = tl.sum(acc, 1)
         dtype = out_ptr.dtype.element_ty
         if DUAL:
-            gate = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-            up = tl.sum(acc2, 1).to(x_ptr.dtype.element_ty).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
-            y = act * up
+            y = _swiglu(y, tl.sum(acc2, 1), x_ptr.dtype.element_ty)
         if PARTIAL:
             tl.store(out_ptr + pid_s * N + rn, y, mask=nmask)
         else:
@@ -365,34 +390,20 @@ if triton is not None:
                 kmask = (k + rk) < k_hi
                 x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            if DOT_F32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = _mma(x, w, acc, DOT_F32, IEEE)
             if DUAL:
                 if EVEN_K:
                     w2 = tl.load(w2_ptrs, mask=nmask[:, None], other=0.0)
                 else:
                     w2 = tl.load(w2_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-                if DOT_F32:
-                    w2 = w2.to(tl.float32)
-                if IEEE:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision="ieee")
-                else:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2)
+                acc2 = _mma(x, w2, acc2, DOT_F32, IEEE)
                 w2_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         dtype = out_ptr.dtype.element_ty
         y = acc
         if DUAL:
-            gate = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-            up = acc2.to(x_ptr.dtype.element_ty).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
-            y = act * up
+            y = _swiglu(acc, acc2, x_ptr.dtype.element_ty)
         omask = mmask[:, None] & nmask[None, :]
         if PARTIAL:
             tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], y, mask=omask)

@@ -19,6 +19,9 @@ import torch
 from infscale.backends.torch import triton_attention
 from infscale.backends.torch.triton_attention import interpret_mode
 
+if triton_attention.triton is not None:
+    from infscale.backends.torch.triton_attention import _mma, _swiglu
+
 triton = triton_attention.triton
 tl = triton_attention.tl
 
@@ -54,28 +57,14 @@ if triton is not None:
                 x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k + rk)[None, :], mask=mmask[:, None],
                             other=0.0)
                 w = tl.load(w_rows + (k + rk)[None, :], mask=nmask[:, None], other=0.0)
-                if DOT_F32:
-                    x = x.to(tl.float32)
-                    w = w.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, tl.trans(w), acc)
+                acc = _mma(x, w, acc, DOT_F32, IEEE)
                 if DUAL:
                     w2 = tl.load(w_rows + UP_OFF.to(tl.int64) * stride_wn + (k + rk)[None, :], mask=nmask[:, None],
                                  other=0.0)
-                    if DOT_F32:
-                        w2 = w2.to(tl.float32)
-                    if IEEE:
-                        acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision="ieee")
-                    else:
-                        acc2 = tl.dot(x, tl.trans(w2), acc2)
+                    acc2 = _mma(x, w2, acc2, DOT_F32, IEEE)
             y = acc
             if DUAL:
-                gate = acc.to(dtype).to(tl.float32)
-                up = acc2.to(dtype).to(tl.float32)
-                act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-                y = act * up
+                y = _swiglu(acc, acc2, dtype)
             tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], y.to(dtype),
                      mask=mmask[:, None] & nmask[None, :])
 

@@ -31,6 +31,9 @@ import torch
 from infscale.backends.torch import triton_attention
 from infscale.backends.torch.triton_attention import interpret_mode
 
+if triton_attention.triton is not None:
+    from infscale.backends.torch.triton_attention import _softmax_step, _swiglu
+
 triton = triton_attention.triton
 tl = triton_attention.tl
 
@@ -81,25 +84,8 @@ if triton is not None:
             rows = blk * stride_kblk + (toks % BLOCK_SIZE) * stride_ktok + head_off
             k = tl.load(k_ptr + rows[:, None] + d[None, :])
             v = tl.load(v_ptr + rows[:, None] + d[None, :])
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            elif DOT_F32:
-                pv = tl.dot(p.to(out_ptr.dtype.element_ty).to(tl.float32), v)
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, k, v, toks[None, :] >= 0, m_i, l_i, acc, scale_log2,
+                                          out_ptr.dtype.element_ty, False, DOT_F32, IEEE)
         # the diagonal: keys up to the tile's last query, masked per query (causal) and at the chunk's end
         for n0 in range(full_end, hi, BLOCK_N):
             toks = n0 + tl.arange(0, BLOCK_N)
@@ -108,26 +94,8 @@ if triton is not None:
             rows = blk * stride_kblk + (toks % BLOCK_SIZE) * stride_ktok + head_off
             k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
             v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-            s = tl.where((toks[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            elif DOT_F32:
-                pv = tl.dot(p.to(out_ptr.dtype.element_ty).to(tl.float32), v)
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, k, v, (toks[None, :] <= qpos[:, None]) & tmask[None, :], m_i, l_i,
+                                          acc, scale_log2, out_ptr.dtype.element_ty, True, DOT_F32, IEEE)
         out = acc / l_i[:, None]  # every query sees at least key 0, so l_i > 0 on every row
         o_rows = (row0 + offs_m.to(tl.int64)) * stride_ot + h * stride_oh
         tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
@@ -141,8 +109,7 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (act * up).to(dtype), mask=mask)
+        tl.store(out_ptr + row * stride_o + cols, _swiglu(gate, up, dtype).to(dtype), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ plan
