@@ -665,8 +665,10 @@ def memory_part(args, report: dict, save) -> None:
                                     "device_total_bytes": torch.cuda.mem_get_info()[1],
                                     "activation_estimate_bytes": estimate})
                         if held is not None and pool:
-                            row["peak_beyond_weights_and_pool_bytes"] = peak - held - pool
-                            row["estimate_covers_peak"] = bool(peak - held - pool <= estimate)
+                            beyond = peak - held - pool
+                            row["peak_beyond_weights_and_pool_bytes"] = beyond
+                            row["estimate_covers_peak"] = bool(beyond <= estimate)  # the estimate alone, no slack
+                            row["reserve_covers_peak"] = bool(beyond <= item.memory.activation_reserve_bytes)
                     row["passed"] = row.get("status") == "ok" and row.get("output_tokens") == cell.requests * 4
                     log(f"memory: {cell.id}: {row.get('status')}, {row['wall_s']:.0f} s"
                         + (f", peak {row['peak_allocated_bytes'] / GIB:.1f} GiB, beyond weights + pool "
