@@ -12,7 +12,7 @@ from infscale.campaign.cell import Cell
 from infscale.campaign.layout import Layout
 from infscale.campaign.spec import Arrival, Campaign, EngineKnobs, EngineSweep, LayoutSweep, Precision
 from infscale.catalog import Hardware, ModelArch
-from infscale.memory import GIB, MemoryPlan, plan_memory
+from infscale.memory import GIB, MemoryPlan, engine_reserve_bytes, plan_memory
 from infscale.perfmodel import StepModel, build_step_model
 from infscale.trtllm_memory import plan_trtllm_memory
 from infscale.trtllm_model import TrtllmStepModel, trtllm_step_model
@@ -137,8 +137,11 @@ def replica_memory(model: ModelArch, hardware: Hardware, layout: Layout, weight_
         kv_dtype = engine_kv_dtype(engine, weight_dtype, kv_dtype)
         return plan_trtllm_memory(model, hardware, layout, weight_dtype, kv_dtype, knobs.kv_memory_fraction,
                                   knobs.kv_block_size, knobs.max_num_tokens, knobs.max_num_seqs)
+    # the torch engine's own activation reserve (its largest max_num_tokens iteration), so the planner, the sim
+    # and the engine size one KV pool; the roofline model keeps the hardware's assumption
+    reserve = engine_reserve_bytes(engine, model, layout.tp, layout.ep, knobs.max_num_tokens, knobs.max_num_seqs)
     return plan_memory(model, hardware, layout, weight_dtype, kv_dtype, knobs.kv_memory_fraction,
-                       knobs.kv_block_size, proxy_layers)
+                       knobs.kv_block_size, proxy_layers, activation_reserve_bytes=reserve)
 
 
 def cell_step_model(model: ModelArch, hardware: Hardware, cell: Cell, engine: str | None
@@ -157,7 +160,7 @@ def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Pre
     # the efficiency constants are part of the key: a hardware profile changes them under the same hardware name
     key = (model.name, model.source, hardware.name, hardware.efficiency, layout, precision.weights, precision.kv,
            knobs.kv_memory_fraction, knobs.kv_block_size, proxy_layers, engine,
-           (knobs.max_num_tokens, knobs.max_num_seqs) if engine == "trtllm" else None)
+           (knobs.max_num_tokens, knobs.max_num_seqs) if engine in ("trtllm", "torch") else None)
     if key not in _MEMORY_CACHE:
         _MEMORY_CACHE[key] = replica_memory(model, hardware, layout, precision.weights, precision.kv, knobs,
                                             proxy_layers, engine)
