@@ -4,27 +4,35 @@
 # with the microbenchmarks and writes a hardware profile from them.
 # Run:  snakemake --profile profiles/local --config campaign=config/demo.yaml
 # All logic lives in src/infscale; the rules only call the `infscale` command line.
+# Shell safety: every value that comes from the command line or a file (campaign path, results root, launcher
+# file, log and output paths) reaches the shell quoted: {x:q} in the rules, shlex.join for the argument lists here.
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
 from infscale.launch.engines import engine_flow, engines_of_job
-from infscale.pipeline import CampaignRun
+from infscale.pipeline import CampaignRun, check_config_files
+
+check_config_files(workflow.configfiles)
 
 CAMPAIGN = CampaignRun(
     campaign_file=Path(config.get("campaign", "config/demo.yaml")),
     results_root=Path(config.get("results_root", "results")),
     packing=config.get("packing", "auto"),
 )
+CAMPAIGN.check_workflow_paths()
+CAMPAIGN.require_feasible()
 RESULTS = CAMPAIGN.results_dir
 # Every measured cell file is checked before the DAG is built (results/integrity.py), on a dry run too: a damaged
 # one is moved to damaged/, a misnamed one is refused, and a bench job whose summary lists a cell no longer intact
 # loses that summary, so that its job runs again and measures what is missing.
 for line in CAMPAIGN.check_cells(repair=True).lines():
     print(f"infscale: {line}", file=sys.stderr)
-INFSCALE = config.get("infscale", f"{sys.executable} -m infscale")
-COMMON = f"{CAMPAIGN.campaign_file} --results-root {CAMPAIGN.results_root} --packing {CAMPAIGN.packing}"
+# `infscale` in the config overrides the command (split into words, never run as shell syntax)
+INFSCALE = shlex.join(shlex.split(config["infscale"]) if "infscale" in config else [sys.executable, "-m", "infscale"])
+COMMON = shlex.join(CAMPAIGN.cli_arguments())
 # Launcher settings (profiles/slurm/settings.yaml's `launcher:` block): validated, and checked against the
 # cluster, before anything is submitted; the bench jobs read them from a file in the results directory.
 LAUNCHER_FILE = CAMPAIGN.write_launcher_settings(config.get("launcher"))

@@ -323,6 +323,14 @@ def measure(model, cache, batch: int, context: int, args, bandwidth: float, labe
     row["linear_choice"] = {r["site"]: {"config": r["chosen"], "seconds": r["seconds"],
                                         "bytes_per_s": r["bytes_per_s"]} for r in lin_log if "chosen" in r}
     row["linear_candidates"] = [r for r in lin_log if "chosen" not in r]
+    moe = list(model.moe_blocks().values())
+    if moe:  # the grouped expert kernel's launch for this batch (triton_moe)
+        from infscale.backends.torch.triton_moe import tune_moe
+
+        moe_log = tune_moe(ops, moe, [batch], reps=args.tune_reps)
+        row["moe_choice"] = next(r for r in moe_log if "chosen" in r)
+        row["moe_candidates"] = [r for r in moe_log if "chosen" not in r]
+        log(f"  moe experts {row['moe_choice']['chosen']} {row['moe_choice']['seconds'] * 1e6:.1f} us per layer")
     for site, choice in row["linear_choice"].items():
         log(f"  {site:8s} {choice['config']:34s} {choice['seconds'] * 1e6:8.1f} us "
             f"{choice['bytes_per_s'] / 1e12:5.2f} TB/s")

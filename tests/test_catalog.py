@@ -170,9 +170,9 @@ def test_aliases_and_hf_ids_resolve() -> None:
 
 def test_unknown_model_error() -> None:
     with pytest.raises(CatalogError) as err:
-        get_model("llama-3.1-7b")
+        get_model("llama-3.1-9b")   # (a 7b typo is as close to the llama-3.1-70b alias)
     msg = str(err.value)
-    assert "'llama-3.1-7b'" in msg and "did you mean 'llama-3.1-8b'" in msg.lower()
+    assert "'llama-3.1-9b'" in msg and "did you mean 'llama-3.1-8b'" in msg.lower()
     assert "qwen3-32b" in msg and "deepseek-r1-distill-qwen-32b" in msg  # lists known names and aliases
     assert "\n" not in msg
     assert isinstance(err.value, ValueError)

@@ -93,6 +93,7 @@ ALTERED_FIELDS = {
     "seed": 1,
     "proxy_layers": 8,
     "hardware_profile": "h100-sxm.torch.2026-11-27c@0123456789ab",
+    "prediction_engine": "trtllm/aiconfigurator-core==0.12.0",
 }
 
 
@@ -183,3 +184,11 @@ def test_pp_microbatches_is_part_of_a_pp_cell_and_dropped_without_pp():
     # at pp = 1 there is nothing to split: the knob is left out and the cell is the one it always was
     no_pp = make_cell(engine=EngineKnobs(kv_memory_fraction=0.9, pp_microbatches=2))
     assert no_pp.engine.pp_microbatches is None and no_pp.spec_hash == FROZEN_HASH
+
+
+def test_scheduler_policy_enters_the_hash_only_when_set():
+    plain = make_cell()
+    assert "scheduler_policy" not in plain.spec_json and plain.spec_hash == FROZEN_HASH
+    no_evict = make_cell(engine=EngineKnobs(kv_memory_fraction=0.9, scheduler_policy="guaranteed_no_evict"))
+    assert '"scheduler_policy":"guaranteed_no_evict"' in no_evict.spec_json
+    assert no_evict.spec_hash != plain.spec_hash

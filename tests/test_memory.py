@@ -204,3 +204,46 @@ def test_max_seqs_is_capped_by_max_num_seqs():
     assert plan.max_seqs(16, 256) == 256
     assert plan.max_seqs(16, 20_000) == 10_000
     assert h200_plan("llama-3.1-8b", "tp8").max_seqs(2048, 256) == 256
+
+
+# ------------------------------------------------------------------------------------------------ torch engine
+
+
+def test_torch_engine_reserve_is_linear_in_the_token_budget():
+    """No [tokens × tokens] term (the flash prefill keeps no score matrix): doubling max_num_tokens doubles the
+    per-token part, and the reserve covers Llama-3.1-8B's 8192-token iteration (its SwiGLU activations alone are
+    8192 × 3 × 14336 × 2 bytes = 0.66 GiB) with the fixed workspace."""
+    from infscale.memory import TORCH_WORKSPACE_BYTES, torch_engine_activation_bytes, torch_engine_reserve_bytes
+
+    llama = get_model("llama-3.1-8b")
+    logits = torch_engine_activation_bytes(llama, 1, 1, 0, 256)  # only the sampled rows' logits (256 tokens)
+    a = torch_engine_activation_bytes(llama, 1, 1, 8192, 256) - logits
+    b = torch_engine_activation_bytes(llama, 1, 1, 16384, 256) - logits
+    assert b == pytest.approx(2 * a, rel=0.05)
+    assert a > 8192 * 3 * 14336 * 2
+    reserve = torch_engine_reserve_bytes(llama, 1, 1, 8192, 256)
+    assert TORCH_WORKSPACE_BYTES + a < reserve < 6 * GIB  # well under the 8.6 GB one score matrix would need
+    # TP shards the per-token widths; MoE counts every routed slot
+    assert torch_engine_activation_bytes(llama, 2, 1, 8192, 256) < torch_engine_activation_bytes(llama, 1, 1, 8192,
+                                                                                                  256)
+    moe = get_model("qwen3-30b-a3b")
+    assert torch_engine_activation_bytes(moe, 1, 1, 8192, 1) > 8192 * moe.experts_per_token * 4 * moe.hidden_size * 2
+
+
+def test_planner_and_torch_engine_size_the_same_pool():
+    """The engine rank's budget on a device holding exactly the planned weights is the plan's KV pool; the plan
+    with the torch reserve keeps that reserve free beside weights and pool."""
+    from infscale.memory import device_kv_budget_bytes, torch_engine_reserve_bytes
+
+    model = get_model("llama-3.1-8b")
+    reserve = torch_engine_reserve_bytes(model, 1, 1, 8192, 256)
+    memory = plan_memory(model, H200, Layout.parse("tp1"), "bf16", "bf16", 0.9, 16,
+                         activation_reserve_bytes=reserve)
+    assert memory.activation_reserve_bytes == reserve
+    free = H200.hbm_bytes - memory.weights_bytes_per_gpu
+    budget = device_kv_budget_bytes(free, H200.hbm_bytes, 0.9, reserve)
+    assert budget == pytest.approx(memory.kv_pool_bytes_per_gpu)
+    left = H200.hbm_bytes - memory.weights_bytes_per_gpu - memory.kv_pool_bytes_per_gpu
+    assert left >= reserve + 0.1 * H200.hbm_bytes - 1
+    # the default stays the hardware's assumption (the sim and trtllm plans)
+    assert h200_plan("llama-3.1-8b", "tp1").activation_reserve_bytes == 6 * GIB

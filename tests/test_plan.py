@@ -203,3 +203,24 @@ def test_write_plan_writes_one_parquet_row_per_cell(tmp_path, small_plan):
     assert infeasible["est_gpu_hours"][0] == 0
     assert frame.filter(pl.col("feasible"))["reason"].null_count() == frame.height - 1
     assert list(tmp_path.joinpath("plans").iterdir()) == [path]    # no temp file left behind
+
+
+def test_torch_campaigns_plan_with_the_torch_engine_reserve():
+    """backend torch: each cell's memory keeps the torch engine's reserve for its max_num_tokens, which the
+    engine (backends/torch) uses too; other backends keep the hardware's assumption."""
+    from infscale.memory import torch_engine_reserve_bytes
+
+    raw = copy.deepcopy(SMALL)
+    raw.update(backend="torch", hardware="h200-sxm", models=["llama-3.1-8b"], layouts=["tp1"],
+               engine={"max_num_tokens": [2048, 8192], "max_num_seqs": 128})
+    raw["workloads"] = [{"name": "long", "pairs": [[8192, 4], [32768, 4]]}]
+    planned = plan(raw)
+    assert planned and all(p.feasible for p in planned)
+    from infscale.catalog import get_model
+
+    for item in planned:
+        knobs = item.cell.engine
+        expected = torch_engine_reserve_bytes(get_model("llama-3.1-8b"), 1, 1, knobs.max_num_tokens, 128)
+        assert item.memory.activation_reserve_bytes == expected
+    sim = plan(SMALL)
+    assert all(p.memory.activation_reserve_bytes == 6 * 1024**3 for p in sim)

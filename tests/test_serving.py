@@ -655,3 +655,48 @@ def test_request_and_series_rows():
     assert set(series["replica"].tolist()) == {0, 1}
     assert ((series["kv_occupancy"] >= 0) & (series["kv_occupancy"] <= 1)).all()
     assert (series["running"] <= 4).all()
+
+
+# --------------------------------------------------------------------------------------------- capacity policies
+
+
+def test_guaranteed_no_evict_admits_only_what_can_finish_and_never_preempts():
+    """A pool of 20 blocks of 16 tokens holds one request of 128 + 64 tokens to its end (12 blocks): guaranteed_no_evict
+    runs one at a time and preempts none; max_utilization admits two prompts (8 blocks each), which then outgrow
+    the pool, and preempts."""
+    fixed = LengthDist.fixed
+    requests = generate_requests(fixed(128), fixed(64), 6, OFFLINE, seed=0)
+    runs = {}
+    for policy in ("guaranteed_no_evict", "max_utilization"):
+        cfg = ReplicaConfig(num_blocks=20, block_size=16, max_num_seqs=8, max_num_tokens=512, capacity_policy=policy)
+        state, replicas = serve(requests, 1, cfg, OFFLINE, "round_robin", lambda _: tiny_sim_executor())
+        assert_all_complete(state, replicas)
+        runs[policy] = (state, summarize(state, replicas, 1))
+    no_evict, greedy = runs["guaranteed_no_evict"], runs["max_utilization"]
+    assert no_evict[0].preemptions.sum() == 0 and no_evict[1]["max_running_batch"] == 1
+    assert greedy[0].preemptions.sum() > 0 and greedy[1]["max_running_batch"] == 2
+
+
+def test_unknown_capacity_policy_is_refused():
+    state = RequestState(np.array([8]), np.array([8]), np.zeros(1))
+    with pytest.raises(ValueError, match="guaranteed_no_evict"):
+        Replica(0, state, tiny_sim_executor(), 8, 16, 4, 64, capacity_policy="fcfs")
+
+
+def test_staggered_clients_start_spread_over_one_request_latency():
+    fixed = LengthDist.fixed
+    together = Arrival(mode="concurrency", concurrency=8)
+    staggered = Arrival(mode="concurrency", concurrency=8, stagger=True)
+    requests = generate_requests(fixed(512), fixed(64), 32, together, seed=0)
+    cfg = config(num_blocks=4096, max_num_tokens=8192)
+    results = {}
+    for arrival in (together, staggered):
+        state, replicas = serve(requests, 2, cfg, arrival, "round_robin", lambda _: tiny_sim_executor(2))
+        assert_all_complete(state, replicas)
+        results[arrival.stagger] = state
+    first = np.arange(8)                              # each client's first request
+    assert (results[False].arrival[first] == 0).all()
+    starts = np.sort(results[True].arrival[first])
+    assert starts[0] == 0 and len(set(starts.tolist())) == 4 and starts[-1] > 0   # 4 clients per replica, spread
+    latency = np.nanmean(results[False].finish - results[False].arrival)
+    assert starts[-1] < latency

@@ -221,6 +221,51 @@ MALFORMED: list[tuple[str, Callable[[dict], None], str, list[str]]] = [
      "engine.pp_microbatches", ["(got -1)", "greater than or equal to 0"]),
     ("pp-microbatches-on-trtllm", both(put("backend", value="trtllm"), put("engine", value={"pp_microbatches": 0})),
      "engine.pp_microbatches", ["(got 0)", "trtllm backend schedules PP micro-batches itself"]),
+    ("pp-microbatches-on-trtllm-engine", both(put("sim", value={"engine": "trtllm"}),
+                                              put("engine", value={"pp_microbatches": 0})),
+     "engine.pp_microbatches", ["(got 0)", "TensorRT-LLM (sim.engine: trtllm) schedules PP micro-batches"]),
+    # --- the engine model and arrivals
+    ("unknown-sim-engine", put("sim", value={"engine": "vllm"}),
+     "sim.engine", ["'vllm'", "'trtllm'", "'torch'"]),
+    ("unknown-scheduler-policy", put("engine", value={"scheduler_policy": "fcfs"}),
+     "engine.scheduler_policy", ["(got 'fcfs')", "'guaranteed_no_evict'", "'max_utilization'"]),
+    ("stagger-offline", put("arrival", value={"mode": "offline", "stagger": True}),
+     "arrival", ["'stagger'", "'concurrency' only"]),
+    ("stagger-on-torch", both(put("backend", value="torch"),
+                              put("arrival", value={"mode": "concurrency", "concurrency": 8, "stagger": True})),
+     "arrival.stagger", ["prediction setting of the sim backend", "torch"]),
+    # --- inputs that once gave a traceback, a hang or a silent "yes" (issue 17)
+    ("requests-true", put("requests", value=True), "requests", ["(got True)", "valid integer or 'auto'"]),
+    ("workload-requests-true", put("workloads", 0, "requests", value=True),
+     "workloads[0].requests", ["(got True)", "valid integer"]),
+    ("nodes-true", put("hardware", value={"name": "h200-sxm", "nodes": True}), "hardware.nodes", ["(got True)"]),
+    ("osl-true", put("workloads", 0, "osl", value=[True]), "workloads[0].osl[0]", ["(got True)", "whole number"]),
+    ("requests-2-pow-70", put("requests", value=2**70), "requests", ["at most 1,000,000", f"(got {2**70})"]),
+    ("seed-2-pow-70", put("seed", value=2**70), "seed", ["less than or equal to 9223372036854775807"]),
+    ("max-num-seqs-2-pow-70", put("engine", value={"max_num_seqs": 2**70}), "engine.max_num_seqs",
+     ["less than or equal to"]),
+    ("concurrency-2-pow-70", put("arrival", value={"mode": "concurrency", "concurrency": 2**70}),
+     "arrival.concurrency", ["less than or equal to 1000000", f"(got {2**70})"]),
+    ("nodes-beyond-limit", put("hardware", value={"name": "h200-sxm", "nodes": 5000}), "hardware.nodes",
+     ["less than or equal to 1024", "(got 5000)"]),
+    ("mean-infinite", put("workloads", 0, "osl", value=[{"dist": "normal", "mean": float("inf"), "std": 1,
+                                                          "cap": 100}]),
+     "workloads[0].osl[0].mean", ["finite number", "(got inf)"]),
+    ("rate-nan", put("arrival", value={"mode": "poisson", "rate": float("nan")}), "arrival.rate",
+     ["finite number", "(got nan)"]),
+    ("sigma-huge", put("workloads", 0, "osl", value=[{"dist": "lognormal", "median": 100, "sigma": 1e6, "cap": 100}]),
+     "workloads[0].osl[0].sigma", ["less than or equal to 10"]),
+    ("name-too-long", put("name", value="n" * 300), "name", ["at most 100 characters"]),
+    ("workload-name-too-long", put("workloads", 0, "name", value="w" * 300), "workloads[0].name",
+     ["at most 64 characters"]),
+    ("min-requests-above-max", both(put("min_requests", value=100), put("max_requests", value=10)), "<top level>",
+     ["min_requests (100) is above max_requests (10)"]),
+    ("sweep-of-a-billion-gpus", put("layouts", value={"gpus": [8, 10**9]}), "layouts.gpus[1]",
+     ["1000000000 GPUs exceed the target's 8", "allowed: 1 to 8", "hardware.nodes"]),
+    ("sweep-beyond-the-nodes", put("layouts", value={"gpus": [1024]}), "layouts.gpus[0]",
+     ["1024 GPUs exceed the target's 8 (1 node(s) × 8 h200-sxm)"]),
+    ("model-path-too-long", put("models", value=["x" * 5000 + ".json"]), "models[0].name",
+     ["neither a catalog model nor a readable config.json"]),
 ]
 
 
@@ -287,6 +332,36 @@ def test_yaml_bad_indentation_names_line_number(tmp_path):
     path = write(tmp_path, "name: t\nhardware:\n  name: h200-sxm\n   nodes: 2\n")
     line = first_line_of_error(path)
     assert "not valid YAML (line 4" in line, line
+
+
+def test_duplicate_key_is_an_error_naming_both_lines(tmp_path):
+    path = write(tmp_path, "name: a\nhardware: h200-sxm\nname: t\nmodels: [llama-3.1-8b]\nlayouts: [dp1]\n"
+                           "workloads: [{name: w, isl: 8, osl: 8}]\n")
+    line = first_line_of_error(path)
+    assert line == f"{path}: not valid YAML (line 3, column 1): key 'name' is given twice (first on line 1)", line
+    nested = write(tmp_path, "name: t\nhardware: {name: h200-sxm, nodes: 1, nodes: 2}\n", "nested.yaml")
+    assert "key 'nodes' is given twice" in first_line_of_error(nested)
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    text = ("base: &w {name: w, isl: 8, osl: [8]}\nname: t\nhardware: h200-sxm\nmodels: [llama-3.1-8b]\n"
+            "layouts: [dp1]\nworkloads:\n  - <<: *w\n    isl: 16\n")
+    path = write(tmp_path, text)
+    assert "base" in first_line_of_error(path)  # an unknown key, not a duplicate: the merge itself is fine
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "name: caf\xe9\n".encode("latin-1"), b"\xff\xfe\x00n"],
+                         ids=["binary", "latin-1", "utf-16-bom"])
+def test_a_file_that_is_not_utf8_text_is_one_line(tmp_path, content):
+    path = tmp_path / "campaign.yaml"
+    path.write_bytes(content)
+    line = first_line_of_error(path)
+    assert "is not UTF-8 text" in line and "save it as UTF-8 YAML" in line, line
+
+
+def test_control_characters_are_one_line(tmp_path):
+    path = write(tmp_path, "name: a\x00b\n")
+    assert first_line_of_error(path).endswith("the character '\\x00' (at character 8) is not allowed in a YAML file")
 
 
 def test_top_level_list_is_rejected(tmp_path):

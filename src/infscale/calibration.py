@@ -30,6 +30,7 @@ from infscale.campaign import Campaign
 from infscale.campaign.plan import PlannedCell
 from infscale.catalog import Efficiency, Hardware
 from infscale.results.io import write_text_atomic
+from infscale.yamlfile import YamlFileError, read_yaml
 
 if TYPE_CHECKING:
     import polars as pl
@@ -71,12 +72,18 @@ class HardwareProfile(BaseModel):
 def load_profile(path: str | Path) -> HardwareProfile:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        exists = path.exists()
+    except OSError as err:  # a name the OS refuses (too long)
+        raise ProfileError(f"{str(path)[:200]}: not a usable profile path ({err.strerror or err})") from None
+    if not exists:
+        raise ProfileError(f"{path}: no such profile file")
+    try:
+        raw = read_yaml(path, "hardware profile")
+        if not isinstance(raw, dict) or not all(isinstance(key, str) for key in raw):
+            raise ProfileError(f"{path}: not a profile mapping of named keys (name, hardware, efficiency, ...)")
         return HardwareProfile(**raw)
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile file") from None
-    except (TypeError, yaml.YAMLError) as err:
-        raise ProfileError(f"{path}: not a profile mapping ({err})") from None
+    except YamlFileError as err:
+        raise ProfileError(str(err)) from None
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ProfileError(f"{path}: {problems}") from None

@@ -12,10 +12,88 @@ import time
 from pathlib import Path
 
 from infscale.campaign import SpecError
+from infscale.campaign.spec import MAX_NODES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `infscale predict: argument --isl: … (see infscale predict --help)`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ {least} (got {text!r})") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ {least} (got {text!r})")
+    return value
+
+
+def _count(text: str) -> int:
+    """A count: a whole number, 1 or more."""
+    return _whole(text, 1)
+
+
+def _natural(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _finite(text: str, zero_allowed: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'≥' if zero_allowed else '>'} 0 (got {text!r})")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number above 0 (a time, a size)."""
+    return _finite(text, zero_allowed=False)
+
+
+def _non_negative(text: str) -> float:
+    return _finite(text, zero_allowed=True)
+
+
+def _output_file(text: str) -> Path:
+    """A file to write: a name, not a folder."""
+    if not text.strip() or text.endswith("/") or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"expected the path of a file to write, not a folder (got {text!r})")
+    return Path(text)
+
+
+def _requests(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _count(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1 or 'auto' (got {text!r})") from None
+
+
+def _arrival(text: str) -> dict[str, object]:
+    """offline | concurrency:N | poisson:RATE, as the campaign file's `arrival:` mapping."""
+    mode, sep, value = text.partition(":")
+    try:
+        if mode == "offline" and not sep:
+            return {"mode": "offline"}
+        if mode == "concurrency":
+            return {"mode": mode, "concurrency": _count(value)}
+        if mode == "poisson":
+            return {"mode": mode, "rate": _positive(value)}
+    except argparse.ArgumentTypeError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected offline, concurrency:N (N ≥ 1) or poisson:RATE (requests per "
+                                     f"second > 0) (got {text!r})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infscale", description=__doc__)
+    parser = _Parser(prog="infscale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="expand a campaign into cells, with verdicts and GPU-hours")
@@ -29,32 +107,40 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--hardware", default="h200-sxm")
     predict.add_argument("--precision", default="bf16", help="weights[/kv], e.g. bf16, fp8, fp8/fp8")
     for name in ("dp", "tp", "pp", "ep"):
-        predict.add_argument(f"--{name}", type=int, default=1)
-    predict.add_argument("--isl", type=int, required=True)
-    predict.add_argument("--osl", type=int, required=True)
-    predict.add_argument("--requests", default="auto", help="a number, or 'auto' (4 × max concurrency)")
-    predict.add_argument("--arrival", default="offline", help="offline | concurrency:N | poisson:RATE")
-    predict.add_argument("--max-num-seqs", type=int)
-    predict.add_argument("--max-num-tokens", type=int)
-    predict.add_argument("--kv-memory-fraction", type=float)
-    predict.add_argument("--kv-block-size", type=int)
+        predict.add_argument(f"--{name}", type=_count, default=1)
+    predict.add_argument("--isl", type=_count, required=True)
+    predict.add_argument("--osl", type=_count, required=True)
+    predict.add_argument("--requests", type=_requests, default="auto", help="a number, or 'auto' "
+                         "(4 × max concurrency)")
+    predict.add_argument("--arrival", type=_arrival, default="offline", help="offline | concurrency:N | "
+                         "poisson:RATE")
+    predict.add_argument("--max-num-seqs", type=_count)
+    predict.add_argument("--max-num-tokens", type=_count)
+    predict.add_argument("--kv-memory-fraction", type=_positive)
+    predict.add_argument("--kv-block-size", type=_count)
     predict.add_argument("--router", choices=("round_robin", "least_loaded"))
-    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--scheduler-policy", choices=("guaranteed_no_evict", "max_utilization"),
+                         help="KV capacity scheduling (default: the engine's own)")
+    predict.add_argument("--engine", choices=("trtllm", "torch"),
+                         help="the engine the prediction stands for: trtllm composes iterations from measured "
+                         "TensorRT-LLM operator latencies and schedules as trtllm-bench does; torch (as when left "
+                         "out) is the roofline model with the catalog's or --profile's constants")
+    predict.add_argument("--seed", type=_natural, default=0)
     predict.add_argument("--profile", type=Path, help="hardware profile (infscale calibrate) instead of the "
                          "catalog's efficiency constants")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
 
     rec = commands.add_parser("recommend", help="rank the DP×TP×PP layouts of a GPU budget for a model and workload")
     rec.add_argument("--model", required=True, help="catalog name or path to a Hugging Face config.json")
-    rec.add_argument("--gpus", type=int, required=True)
+    rec.add_argument("--gpus", type=_count, required=True)
     rec.add_argument("--hardware", default="h200-sxm")
     rec.add_argument("--precision", default="bf16")
-    rec.add_argument("--isl", type=int, required=True)
-    rec.add_argument("--osl", type=int, required=True)
-    rec.add_argument("--requests", default="auto")
-    rec.add_argument("--max-num-seqs", type=int, default=256)
-    rec.add_argument("--ttft-p99-ms", type=float, help="SLO: rank by goodput of requests whose TTFT is within it")
-    rec.add_argument("--tpot-p99-ms", type=float, help="SLO: … and whose TPOT is within it")
+    rec.add_argument("--isl", type=_count, required=True)
+    rec.add_argument("--osl", type=_count, required=True)
+    rec.add_argument("--requests", type=_requests, default="auto")
+    rec.add_argument("--max-num-seqs", type=_count, default=256)
+    rec.add_argument("--ttft-p99-ms", type=_positive, help="SLO: rank by goodput of requests whose TTFT is within it")
+    rec.add_argument("--tpot-p99-ms", type=_positive, help="SLO: … and whose TPOT is within it")
     rec.add_argument("--profile", type=Path, help="hardware profile for the predictions (infscale calibrate)")
     rec.add_argument("--measured", type=Path, help="a merged cells.parquet: its measured cells replace predictions")
     rec.add_argument("--json", action="store_true")
@@ -72,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     status = commands.add_parser("status", help="cells done/pending/failed per bench job, with Slurm job states")
     _campaign_args(status)
-    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh until every cell is done")
+    status.add_argument("--watch", type=_positive, metavar="SECONDS", help="refresh until every cell is done")
 
     merge = commands.add_parser("merge", help="merge the campaign's cell files; write cells.parquet, summary.md")
     _campaign_args(merge)
@@ -97,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="write results/<campaign>/report.html: figures, summary, claims, "
                                  "fits and provenance in one self-contained file")
     _campaign_args(report)
-    report.add_argument("--out", type=Path, help="where to write the report (default: results/<campaign>/report.html)")
+    report.add_argument("--out", type=_output_file,
+                        help="where to write the report (default: results/<campaign>/report.html)")
 
     validate = commands.add_parser("validate", help="predict every measured cell with the sim backend; write "
                                    "validation.parquet and validation.md with the errors")
@@ -121,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     mb.add_argument("--results-root", type=Path, default=Path("results"))
     mb.add_argument("--packing", default="auto", choices=("auto", "layout", "model"), help=argparse.SUPPRESS)
     mb.add_argument("--out", type=Path, help="without a campaign: the folder for microbench.json")
-    mb.add_argument("--gpus", type=int, nargs="+", metavar="N", help="rank counts of the collectives (default: "
+    mb.add_argument("--gpus", type=_count, nargs="+", metavar="N", help="rank counts of the collectives (default: "
                     "the campaign's, else 2; 1 measures none)")
     mb.add_argument("--models", nargs="+", help="catalog models of the GEMM shapes, the first also of attention "
                     "(default: the campaign's dense models, else llama-3.1-8b)")
@@ -146,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--train-models", default="", help="comma-separated models of --fit to fit on "
                            "(the others are held out)")
     calibrate.add_argument("--name", required=True, help="profile name, e.g. h100-sxm.torch.2026-11-27")
-    calibrate.add_argument("--out", type=Path, required=True)
+    calibrate.add_argument("--out", type=_output_file, required=True)
 
     engines = commands.add_parser("engines", help="list or garbage-collect a TensorRT-LLM engine cache")
     engines.add_argument("action", choices=("list", "gc"))
     engines.add_argument("--cache", type=Path, required=True, help="the engine cache directory (trtllm.engine_cache)")
-    engines.add_argument("--budget-gb", type=float, help="gc: delete least recently used engines beyond this size")
+    engines.add_argument("--budget-gb", type=_non_negative,
+                         help="gc: delete least recently used engines beyond this size")
     engines.add_argument("--keep", default="", help="gc: comma-separated engine digests never to delete")
 
     summary = commands.add_parser("summary", help="print the campaign summary")
@@ -184,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "or one GPU) and print its expected wall time")
     ae_reduce.add_argument("config", type=Path)
     ae_reduce.add_argument("--target", choices=("cpu", "1gpu"), default="cpu")
-    ae_reduce.add_argument("--osl-max", type=int, default=1024, help="1gpu: longest OSL kept")
-    ae_reduce.add_argument("--max-requests", type=int, default=16, help="1gpu: requests per cell at most")
-    ae_reduce.add_argument("--out", type=Path, help="campaign file to write (default: print it)")
+    ae_reduce.add_argument("--osl-max", type=_count, default=1024, help="1gpu: longest OSL kept")
+    ae_reduce.add_argument("--max-requests", type=_count, default=16, help="1gpu: requests per cell at most")
+    ae_reduce.add_argument("--out", type=_output_file, help="campaign file to write (default: print it)")
     ae_compare = ae_commands.add_parser("compare", help="match cells by spec; per metric, which are within the "
                                         "tolerance band; whether each claim's verdict is the same")
     ae_compare.add_argument("reference", type=Path, help="a bundle, or a results directory with cells.parquet")
@@ -213,16 +301,41 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
-    args = parser.parse_args(argv)
-    if passthrough:
-        if args.command != "run":
-            parser.error("arguments after -- are passed to snakemake by `infscale run` only")
-        args.snakemake_args = passthrough
+    try:  # argparse exits on a bad argument (one line, exit 2) or --help (exit 0): return its status instead
+        args = parser.parse_args(argv)
+        if passthrough:
+            if args.command != "run":
+                parser.error("arguments after -- are passed to snakemake by `infscale run` only")
+            args.snakemake_args = passthrough
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
+    from infscale.opdata import OperatorDataError
+
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return status
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2
+    except OperatorDataError as err:  # the trtllm engine model without its measured tables
+        print(f"infscale {args.command}: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `infscale predict … | head -1`: the reader left; stop quietly
+        _stdout_to_devnull()
+        return 1
+    except OSError as err:  # an unwritable results root, a full disk: the file and the reason, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"infscale {args.command}: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's last flush does not complain."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured in tests): nothing to redirect
+        pass
 
 
 def _campaign_args(parser: argparse.ArgumentParser) -> None:
@@ -234,12 +347,9 @@ def _campaign_args(parser: argparse.ArgumentParser) -> None:
 
 def _relative_tolerance(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a relative tolerance of 0 or more, e.g. 1e-9")
-    return value
+        return _non_negative(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a relative tolerance of 0 or more, e.g. 1e-9") from None
 
 
 def _campaign_run(args: argparse.Namespace):
@@ -261,6 +371,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from infscale.reports import print_plan
 
         print_plan(run, per_cell=args.cells)
+    run.require_feasible()  # after the table, which shows each cell's reason
     return 0
 
 
@@ -508,7 +619,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             campaign, profile = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
-            print(err, file=sys.stderr)
+            print(f"--profile: {err}", file=sys.stderr)
             return 2
     merged = run.merge()
     frame = validate(campaign, run.planned, merged, profile.fitted_on if profile else [])
@@ -553,10 +664,14 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     try:
         if args.profile:
             campaign, profile = campaign_with_profile(campaign, args.profile)
+    except ProfileError as err:
+        print(f"--profile: {err}", file=sys.stderr)
+        return 2
+    try:
         validation = pl.read_parquet(args.validation)
         bands = error_bands(validation)
-    except (ProfileError, ExtrapolationError) as err:
-        print(err, file=sys.stderr)
+    except (ExtrapolationError, pl.exceptions.PolarsError) as err:
+        print(f"--validation: {args.validation}: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     recorded = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     table = extrapolate(campaign, plan_campaign(campaign), bands, args.validation.name,
@@ -586,6 +701,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         hardware = get_hardware(args.hardware)
+    except CatalogError as err:
+        print(f"--hardware: {err}", file=sys.stderr)
+        return 2
+    try:
         moe_block = read_json(args.moe_block) if args.moe_block else None
         roofline = read_json(args.roofline) if args.roofline else None
         efficiency, sources = from_microbenchmarks(hardware, read_json(args.microbench), roofline, moe_block)
@@ -666,13 +785,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from infscale.pipeline import CampaignRun
 
     run = CampaignRun(args.config, args.results_root, "auto")
+    run.check_workflow_paths()
+    run.require_feasible()
     snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
     workdir = args.directory or Path.cwd()
     base = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
             "--profile", str(args.profile)]
-    if args.settings:
-        base += ["--configfile", str(args.settings.resolve())]
-    config = ["--config", f"campaign={args.config.resolve()}", f"results_root={args.results_root.resolve()}"]
+    # The campaign and results root go to snakemake in a config file, not as --config KEY=VALUE, which strips
+    # quotes and reads the value as YAML (a path with ': ' or ' #' would not arrive as written).
+    from infscale.results.io import write_text_atomic
+
+    paths = run.results_dir / "run-config.json"  # beside launcher.json; jobs/*.json are registry records
+    write_text_atomic(paths, json.dumps({"campaign": str(args.config.resolve()),
+                                         "results_root": str(args.results_root.resolve())}, indent=1))
+    config = ["--configfile", *([str(args.settings.resolve())] if args.settings else []), str(paths.resolve())]
     extra = list(args.snakemake_args)
     say = lambda line: print(f"infscale run: {line}", file=sys.stderr)  # noqa: E731
     try:
@@ -805,14 +931,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     import dataclasses
 
     from infscale.analysis.recommend import budget_campaign, format_ms, recommend, why
-    from infscale.results.tables import read_cells
 
-    if args.gpus < 1:
-        print(f"--gpus: {args.gpus} is not a GPU count (1 or more)", file=sys.stderr)
+    limit = _gpu_limit(args.hardware, "recommend")
+    if args.gpus > limit:
+        print(f"--gpus: {args.gpus} GPUs exceed the {limit} of {MAX_NODES} nodes of {args.hardware} "
+              f"(allowed: 1 to {limit})", file=sys.stderr)
         return 2
-    requests = args.requests if args.requests == "auto" else int(args.requests)
-    campaign = budget_campaign(args.model, args.gpus, args.hardware, args.isl, args.osl, requests, args.precision,
-                               args.max_num_seqs)
+    measured = None
+    if args.measured:
+        measured = _read_measured(args.measured)
+        if measured is None:
+            return 2
+    campaign = budget_campaign(args.model, args.gpus, args.hardware, args.isl, args.osl, args.requests,
+                               args.precision, args.max_num_seqs)
     if args.profile:
         from infscale.calibration import ProfileError, campaign_with_profile
 
@@ -820,7 +951,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             campaign, _ = campaign_with_profile(campaign, args.profile)
         except ProfileError as err:
             raise SpecError([f"infscale recommend: --profile: {err}"]) from None
-    measured = read_cells(args.measured) if args.measured else None
     options = recommend(campaign, args.ttft_p99_ms, args.tpot_p99_ms, measured)
     reason = why(options, args.osl, args.ttft_p99_ms, args.tpot_p99_ms)
     if args.json:
@@ -854,6 +984,38 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_limit(hardware: str, command: str) -> int:
+    """The most GPUs a layout may use on `hardware`: MAX_NODES whole nodes."""
+    from infscale.catalog import CatalogError, get_hardware
+
+    try:
+        return MAX_NODES * get_hardware(hardware).gpus_per_node
+    except CatalogError as err:
+        raise SpecError([f"infscale {command}: --hardware: {err}"]) from None
+
+
+def _read_measured(path: Path):  # -> polars.DataFrame | None
+    """`recommend --measured`: a merged cells.parquet with the columns the recommendation matches on; None (and
+    why, on stderr) otherwise."""
+    import polars as pl
+
+    needed = {"status", "model", "hardware", "layout", "isl_max", "osl_max", "predicted", "output_tok_s",
+              "output_tok_s_per_gpu", "ttft_ms_p99", "tpot_ms_p99"}
+    from infscale.results.tables import read_cells
+
+    try:
+        frame = read_cells(path)  # a table of an older schema is upgraded
+    except (OSError, pl.exceptions.PolarsError) as err:
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        print(f"--measured: {path}: not a readable Parquet file of merged cells ({reason})", file=sys.stderr)
+        return None
+    missing = sorted(needed - set(frame.columns))
+    if missing:
+        print(f"--measured: {path}: not a merged cells.parquet (no column {', '.join(missing)})", file=sys.stderr)
+        return None
+    return frame
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from infscale.backends.sim.backend import SimBackend
     from infscale.campaign import campaign_from_dict
@@ -862,31 +1024,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     engine = {k: v for k, v in {
         "max_num_seqs": args.max_num_seqs, "max_num_tokens": args.max_num_tokens,
         "kv_memory_fraction": args.kv_memory_fraction, "kv_block_size": args.kv_block_size,
-        "router": args.router,
+        "router": args.router, "scheduler_policy": args.scheduler_policy,
     }.items() if v is not None}
     layout = f"dp{args.dp}tp{args.tp}pp{args.pp}" + (f"ep{args.ep}" if args.ep > 1 else "")
-    requests = args.requests if args.requests == "auto" else int(args.requests)
-    mode, _, value = args.arrival.partition(":")
-    arrival: dict[str, object] = {"mode": mode}
-    if mode == "concurrency":
-        arrival["concurrency"] = int(value)
-    elif mode == "poisson":
-        arrival["rate"] = float(value)
-    from infscale.catalog import CatalogError, get_hardware
-
-    try:
-        gpus_per_node = get_hardware(args.hardware).gpus_per_node
-    except CatalogError as err:
-        raise SpecError([f"infscale predict: --hardware: {err}"]) from None
     gpus = args.dp * args.tp * args.pp
+    limit = _gpu_limit(args.hardware, "predict")
+    if gpus > limit:
+        print(f"--dp × --tp × --pp: {gpus} GPUs exceed the {limit} of {MAX_NODES} nodes of {args.hardware} "
+              f"(allowed: 1 to {limit})", file=sys.stderr)
+        return 2
+    gpus_per_node = limit // MAX_NODES
     raw = {
         "name": "predict", "backend": "sim",
         "hardware": {"name": args.hardware, "nodes": max(1, math.ceil(gpus / gpus_per_node))},
         "models": [args.model], "precision": [args.precision], "layouts": [layout],
-        "workloads": [{"name": "predict", "isl": args.isl, "osl": args.osl, "requests": requests,
-                       "arrival": arrival}],
+        "workloads": [{"name": "predict", "isl": args.isl, "osl": args.osl, "requests": args.requests,
+                       "arrival": args.arrival}],
         "engine": engine, "seed": args.seed,
     }
+    if args.engine:
+        raw["sim"] = {"engine": args.engine}
     campaign = campaign_from_dict(raw, source="infscale predict")
     profile_name = None
     if args.profile:
@@ -903,6 +1060,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "kv_capacity_tokens": item.memory.kv_tokens_per_replica, "max_concurrency": item.max_concurrency,
         "weights_gib_per_gpu": round(item.memory.weights_bytes_per_gpu / 2**30, 3),
         "requests": item.cell.requests, "predicted": True, "profile": profile_name,
+        "engine": campaign.sim_engine or "roofline", "operator_data": _operator_data(campaign),
+        "max_num_seqs": item.cell.engine.max_num_seqs, "max_num_tokens": item.cell.engine.max_num_tokens,
     }
     if item.feasible:
         measured = SimBackend().measure(item.cell, None, campaign)  # type: ignore[arg-type]
@@ -918,6 +1077,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             shown = f"{value:,.3f}" if isinstance(value, float) else value
             print(f"{key:<{width}}  {shown}")
     return 0
+
+
+def _operator_data(campaign) -> str | None:
+    """The measured data a trtllm-engine prediction composes (None for the roofline model)."""
+    if campaign.sim_engine != "trtllm":
+        return None
+    from infscale.opdata import data_version
+
+    return data_version()
 
 
 COMMANDS = {

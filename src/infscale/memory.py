@@ -2,7 +2,8 @@
 
 The formulas are those of reference/reasoning-inference.md §4.1 (vLLM's own capacity formula):
 free = fraction × HBM − weights/GPU − activation reserve; KV bytes/token/GPU = 2·(L/PP)·n_kv·d·b / min(TP, n_kv)
-for GQA, (kv_lora + rope)·(L/PP)·b for MLA (the latent is replicated across TP ranks).
+for GQA, (kv_lora + rope)·(L/PP)·b for MLA (the latent is replicated across TP ranks). The activation reserve is
+the hardware's assumption, or an engine's own where it is known (the torch engine's: torch_engine_reserve_bytes).
 """
 
 from __future__ import annotations
@@ -123,6 +124,68 @@ class MemoryPlan:
         return None
 
 
+# The torch engine's (backends/torch) own reserve: what one packed iteration of its fused path holds at its peak
+# (torch_engine_activation_bytes) times an allowance for the caching allocator's rounding and fragmentation, plus
+# a fixed workspace for the decode CUDA graphs' pool, cuBLAS/Triton/NCCL workspaces and the RoPE tables.
+TORCH_ACTIVATION_SLACK = 1.25
+TORCH_WORKSPACE_BYTES = 2 * GIB
+
+
+def torch_engine_activation_bytes(model: ModelArch, tp: int, ep: int, max_num_tokens: int, max_num_seqs: int,
+                                  act_bytes: int = 2) -> float:
+    """Peak transient bytes of one iteration of the torch engine's packed forward (model.packed_layers) on one
+    GPU: at most max(max_num_tokens, max_num_seqs) tokens (the scheduler's budget; decodes always run), and the
+    logits of at most max_num_seqs sampled rows. Per token, the larger of the attention phase (residual, pending
+    delta, normed input, QKV, queries, attention output, the new delta) and the MLP phase (the same residual
+    tensors plus the fused gate/up output and its SwiGLU; for MoE, per routed slot: the gathered input, gate/up,
+    SwiGLU, expert output and its weighted copies, with every slot on every rank as MoEBlock.partial computes
+    them). No [tokens × tokens] term: the flash-style prefill kernel keeps no score matrix."""
+    tokens = max(max_num_tokens, max_num_seqs)
+    hidden = model.hidden_size
+    heads = model.num_attention_heads // tp
+    kv_heads = -(-model.num_kv_heads // tp)  # sharded over min(tp, kv_heads) ranks, replicated beyond
+    d = model.head_dim
+    residual = 4 * hidden  # hidden, the pending delta, the normed input, the new delta
+    attention = residual + (heads + 2 * kv_heads) * d + 2 * heads * d
+    mlp, mlp_extra = 0, 0
+    if not model.is_moe or model.first_dense_layers:
+        mlp = residual + 3 * (model.intermediate_size // tp)
+    if model.is_moe:
+        inter = model.moe_intermediate_size // max(1, tp // ep)
+        slots = model.experts_per_token
+        mlp = max(mlp, residual + slots * (4 * hidden + 4 * inter))
+        mlp_extra = model.num_experts * 4 * 3 + slots * 8 * 4  # fp32 router logits/probabilities, int64 indices
+    per_token = max(attention, mlp) * act_bytes + mlp_extra
+    vocab = model.vocab_size
+    per_sample = vocab * (2 * act_bytes + 4 + 1) + -(-vocab // tp) * act_bytes  # shard, gathered, fp32, isfinite
+    return float(tokens * per_token + min(max_num_seqs, tokens) * per_sample)
+
+
+def torch_engine_reserve_bytes(model: ModelArch, tp: int, ep: int, max_num_tokens: int, max_num_seqs: int,
+                               act_bytes: int = 2) -> float:
+    """What the torch engine keeps free beside weights and the KV pool on each GPU; the planner (backend torch)
+    and the engine's ranks size the KV pool with it, so a cell the planner calls feasible has room for its
+    largest iteration."""
+    peak = torch_engine_activation_bytes(model, tp, ep, max_num_tokens, max_num_seqs, act_bytes)
+    return TORCH_ACTIVATION_SLACK * peak + TORCH_WORKSPACE_BYTES
+
+
+def device_kv_budget_bytes(free_bytes: float, total_bytes: float, fraction: float, reserve_bytes: float) -> float:
+    """The KV pool an engine rank can take on a device that has `free_bytes` of `total_bytes` free (weights
+    loaded): the planner's fraction × memory − weights − reserve, with what the device holds now (weights, the
+    CUDA context, anything else) in place of the planned weights."""
+    return free_bytes - (1 - fraction) * total_bytes - reserve_bytes
+
+
+def engine_reserve_bytes(engine: str | None, model: ModelArch, tp: int, ep: int, max_num_tokens: int,
+                         max_num_seqs: int) -> float | None:
+    """The activation reserve of the engine a campaign measures or predicts, where the engine's own is known (torch);
+    None: the hardware's assumption (plan_memory's default)."""
+    if engine == "torch":
+        return torch_engine_reserve_bytes(model, tp, ep, max_num_tokens, max_num_seqs)
+    return None
+
+
 def plan_memory(
     model: ModelArch,
     hardware: Hardware,
@@ -132,13 +195,17 @@ def plan_memory(
     kv_memory_fraction: float | None,
     kv_block_size: int,
     proxy_layers: int | None = None,
+    activation_reserve_bytes: float | None = None,
 ) -> MemoryPlan:
     """The replica's memory. With `proxy_layers` the KV capacity in tokens is still the full model's (so the
-    scheduler sees a full run's concurrency limit); `proxy` says what the slice needs to hold it."""
+    scheduler sees a full run's concurrency limit); `proxy` says what the slice needs to hold it.
+    `activation_reserve_bytes`: an engine's own reserve (torch_engine_reserve_bytes for the torch backend);
+    None: the hardware's assumed one."""
     fraction = hardware.default_kv_memory_fraction if kv_memory_fraction is None else kv_memory_fraction
     usable = fraction * hardware.hbm_bytes
     weights = weight_bytes_per_gpu(model, weight_dtype, layout.tp, layout.pp)
-    reserve = hardware.efficiency.activation_reserve_bytes
+    reserve = hardware.efficiency.activation_reserve_bytes if activation_reserve_bytes is None \
+        else activation_reserve_bytes
     pool = usable - weights - reserve
     per_token = kv_bytes_per_token_per_gpu(model, kv_dtype, layout.tp, layout.pp)
     blocks = int(max(pool, 0) // (per_token * kv_block_size))

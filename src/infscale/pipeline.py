@@ -6,12 +6,14 @@ Kept here (not in the Snakefile) so the rules stay thin and this logic is unit-t
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infscale.campaign import Campaign, load_campaign
+from infscale.campaign import Campaign, SpecError, load_campaign
 from infscale.campaign.plan import PlannedCell, plan_campaign
+
+PACKINGS = ("auto", "layout", "model")
 
 
 @dataclass
@@ -23,12 +25,39 @@ class CampaignRun:
     planned: list[PlannedCell] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.packing not in PACKINGS:
+            raise SpecError([f"packing: '{self.packing}' is not one of {', '.join(PACKINGS)}"])
         self.campaign = load_campaign(self.campaign_file)
         if self.packing == "auto":
             # A GPU backend needs one allocation per layout; the sim backend needs no GPU, so one job per
             # model saves process start-ups.
             self.packing = "model" if self.campaign.spec.backend == "sim" else "layout"
         self.planned = plan_campaign(self.campaign, self.packing)
+
+    def cli_arguments(self) -> list[str]:
+        """The campaign's arguments to each `infscale` step of the workflow, one list item per argument (the
+        Snakefile quotes them for the shell). Values are attached with `=`, and a campaign path that starts with
+        `-` gets `./`, so no file name is ever read as an option."""
+        campaign = str(self.campaign_file)
+        campaign = f"./{campaign}" if campaign.startswith("-") else campaign
+        return [campaign, f"--results-root={self.results_root}", f"--packing={self.packing}"]
+
+    def require_feasible(self) -> None:
+        """A campaign none of whose cells can run is an error, not a run that measures nothing."""
+        if any(item.feasible for item in self.planned):
+            return
+        reasons = Counter(item.reason for item in self.planned)
+        reason, count = reasons.most_common(1)[0] if reasons else ("no cell planned", 0)
+        raise SpecError([f"{self.campaign_file}: none of the {len(self.planned)} planned cells is feasible "
+                         f"({count} because: {reason}); nothing to measure"])
+
+    def check_workflow_paths(self) -> None:
+        """Snakemake reads `{...}` in a file name as a wildcard: refuse such a campaign path or results root with
+        its name, rather than fail later on a wildcard error about rule `all`."""
+        for key, value in (("campaign", self.campaign_file), ("results_root", self.results_root)):
+            if "{" in str(value) or "}" in str(value):
+                raise SpecError([f"{key}: '{value}' holds '{{' or '}}', which Snakemake reads as a wildcard; "
+                                 "choose a path without braces"])
 
     @property
     def results_dir(self) -> Path:
@@ -122,6 +151,18 @@ class CampaignRun:
         """Changes exactly when the job's set of cells changes (cell ids carry their spec hash)."""
         ids = sorted(item.cell.id for item in self.jobs().get(job, []))
         return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def check_config_files(paths: list) -> None:
+    """Snakemake reads its config files (e.g. profiles/slurm/settings.yaml) with a loader that keeps the last of
+    a key given twice; read them again strictly so such a file is an error naming the key."""
+    from infscale.yamlfile import YamlFileError, read_yaml
+
+    for path in paths:
+        try:
+            read_yaml(path, "config file")
+        except YamlFileError as err:
+            raise SpecError([str(err)]) from None
 
 
 # ------------------------------------------------------------------------------------- the analysis steps

@@ -64,3 +64,22 @@ def test_gpu_campaign_dry_run_passes_over_cells_that_cannot_fit(tmp_path):
     (cells / f"{first}.parquet").touch()
     lines = dry("--max-cell-s", "120")
     assert f"{first}: skipped (measured)" in lines[0] and sum("would measure" in line for line in lines) == 1
+
+
+def test_engine_speed_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/h200_engine_speed.py --cpu-dry-run: its prefill part (kernel check against float64, launch
+    timing, the fused forward against the plain-torch layers, the engine's iterations, the layer breakdown) and
+    its memory part (campaign cells through TorchBackend with a toy model) run end to end and write the report."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "h200_engine_speed.py"), "--cpu-dry-run", "--parts",
+                    "prefill", "memory", "--out", str(tmp_path)], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=900)
+    report = json.loads((tmp_path / "engine-speed.json").read_text())
+    assert report["failures"] == []
+    prefill = report["prefill"]
+    assert prefill["passed"] and prefill["forward_check"]["token_agreement"] == 1.0
+    assert max(prefill["kernel_check"]["max_rel_err"].values()) < 1e-2
+    assert set(prefill["layer_breakdown"]["seconds_per_layer"]) >= {"prefill_attention", "rope_kv_write"}
+    rows = report["memory"]["rows"]
+    assert len(rows) == 2 and all(r["passed"] for r in rows)
+    assert report["headline"]["memory_cells_failed"] == []

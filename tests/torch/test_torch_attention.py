@@ -72,6 +72,19 @@ def test_paged_prefill_chunk_is_causal_and_matches_contiguous(dtype, tol, past, 
         assert not torch.equal(again[-1], out[-1])
 
 
+def test_paged_prefill_in_query_slices_gives_the_whole_result(monkeypatch):
+    """A score budget of a few queries' rows: the chunk runs in slices, with the same output as in one piece."""
+    from infscale.backends.torch import attention
+
+    cache, keys, values = _filled_cache([5 + 11], torch.float32)
+    q = torch.randn(11, HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    table = torch.tensor(cache.table(0))
+    whole = paged_prefill_attention(q, cache.k[0], cache.v[0], table, 5)
+    monkeypatch.setattr(attention, "SCORE_BYTES_PER_SLICE", 3 * 16 * HEADS * 4)  # 3 queries of 16 keys a slice
+    sliced = paged_prefill_attention(q, cache.k[0], cache.v[0], table, 5)
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
+
+
 def test_gqa_query_heads_read_their_own_kv_head():
     """With K/V differing per KV head, query heads 0-3 must see head 0 and 4-7 head 1."""
     cache = PagedKVCache(1, 4, BLOCK, KV_HEADS, DIM, torch.float32, "cpu")

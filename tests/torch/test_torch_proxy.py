@@ -154,7 +154,8 @@ def test_proxy_cells_have_the_full_models_capacity_and_their_own_ids(tmp_path):
     work = TorchBackend("cpu").cell_work(item.cell, campaign)
     assert work.num_layers == 2 and work.arch.num_layers == 4
     full_memory = plan_memory(work.arch, campaign.hardware, item.cell.layout, "bf16", "bf16",
-                              item.cell.engine.kv_memory_fraction, item.cell.engine.kv_block_size)
+                              item.cell.engine.kv_memory_fraction, item.cell.engine.kv_block_size,
+                              activation_reserve_bytes=work.activation_reserve_bytes)  # the torch engine's
     assert work.config.num_blocks == full_memory.kv_blocks_per_replica == item.memory.kv_blocks_per_replica
     model = DecoderModel(work.arch, dtype=torch.float32, num_layers=work.num_layers)
     assert len(model.new_cache(4, 16).k) == 2

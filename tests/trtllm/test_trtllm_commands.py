@@ -19,6 +19,7 @@ from infscale.backends.trtllm.commands import (
     launch,
     replica_gpus,
     replica_processes,
+    throughput_argv,
 )
 from infscale.backends.trtllm.dataset import dataset_lines
 from infscale.catalog import get_model
@@ -184,3 +185,12 @@ def test_engine_flow_for_every_layout_kind(layout: str, slurm: bool, wrapper: li
         assert process.argv == wrapper + bench
     if layout == "dp2tp4pp1":
         assert [p.env["CUDA_VISIBLE_DEVICES"] for p in found] == ["0,1,2,3", "4,5,6,7"]
+
+
+def test_scheduler_policy_reaches_trtllm_bench_only_when_set(tmp_path):
+    plain = throughput_argv(settings(), "llama-3.1-8b", Layout(tp=2), KNOBS, tmp_path / "d.jsonl", 10, 4, tmp_path,
+                            None)
+    assert "--scheduler_policy" not in plain
+    chosen = throughput_argv(settings(), "llama-3.1-8b", Layout(tp=2), KNOBS, tmp_path / "d.jsonl", 10, 4, tmp_path,
+                             None, scheduler_policy="max_utilization")
+    assert chosen[chosen.index("--scheduler_policy") + 1] == "max_utilization"

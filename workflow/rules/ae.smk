@@ -17,4 +17,4 @@ rule ae_bundle:
         # timestamp file to it (a file the manifest does not list). A rerun replaces both.
         bundle=AE_OUT / f"{CAMPAIGN.campaign.name}-ae",
     shell:
-        "rm -rf {params.bundle} && {INFSCALE} ae bundle {COMMON} --out {AE_OUT}"
+        "rm -rf {params.bundle:q} && {INFSCALE} ae bundle {COMMON} --out={AE_OUT:q}"

@@ -13,7 +13,7 @@ rule engine:
     log:
         RESULTS / "logs" / "engines" / "{engine}.log",
     shell:
-        "{INFSCALE} engine {COMMON} --engine {wildcards.engine} --launcher {LAUNCHER_FILE} > {log} 2>&1"
+        "{INFSCALE} engine {COMMON} --engine={wildcards.engine:q} --launcher={LAUNCHER_FILE:q} > {log:q} 2>&1"
 
 
 rule bench:
@@ -28,4 +28,4 @@ rule bench:
     log:
         RESULTS / "logs" / "bench" / "{job}.log",
     shell:
-        "{INFSCALE} bench {COMMON} --job {wildcards.job} --launcher {LAUNCHER_FILE} > {log} 2>&1"
+        "{INFSCALE} bench {COMMON} --job={wildcards.job:q} --launcher={LAUNCHER_FILE:q} > {log:q} 2>&1"

@@ -17,7 +17,7 @@ rule microbench:
     log:
         RESULTS / "logs" / "calibration" / "{hardware}.microbench.log",
     shell:
-        "{INFSCALE} microbench {COMMON} --launcher {LAUNCHER_FILE} > {log} 2>&1"
+        "{INFSCALE} microbench {COMMON} --launcher={LAUNCHER_FILE:q} > {log:q} 2>&1"
 
 
 rule calibrate:
@@ -30,8 +30,8 @@ rule calibrate:
     log:
         RESULTS / "logs" / "calibration" / "{hardware}.calibrate.log",
     shell:
-        "{INFSCALE} calibrate --hardware {wildcards.hardware} --microbench {input} --name {params.name} "
-        "--out {output} > {log} 2>&1"
+        "{INFSCALE} calibrate --hardware={wildcards.hardware:q} --microbench={input:q} --name={params.name:q} "
+        "--out={output:q} > {log:q} 2>&1"
 
 
 rule calibration:

@@ -11,7 +11,7 @@
                               cell's Parquet), failures/, cells.parquet, summary.md, fits.parquet, claims.parquet,
                               claims.md, validation*, figures/, report.html, PROVENANCE.md, logs/ — whatever exists;
                               not jobs/ (registry, locks, Slurm folders), damaged/ (unreadable files moved aside)
-                              nor launcher.json (this cluster's settings)
+                              nor launcher.json and run-config.json (this cluster's settings, this machine's paths)
   environment/                constraints.txt (the lock file), pyproject.toml, envs/ (container definitions),
                               container.txt (the image digest, when one was used)
   profiles/                   the hardware profiles of the campaign's GPU (results/reference/profiles)
@@ -39,7 +39,8 @@ from infscale.ae.manifest import MANIFEST_NAME, MANIFEST_VERSION, BundleError, f
 REPO_ROOT = Path(infscale.__file__).resolve().parents[2]   # the checkout (src layout)
 SKIP_DIRS = {"jobs", "damaged"}     # machine-specific: job registry, locks, submitit folders; damaged files
                                      # moved aside (logs/cell-check.log, bundled, says what happened to them)
-SKIP_FILES = {"launcher.json", "plan.parquet"}   # this cluster's settings; the plan is rewritten from the config
+# this cluster's settings and this machine's paths; the plan is rewritten from the config
+SKIP_FILES = {"launcher.json", "run-config.json", "plan.parquet"}
 REQUIRED = ("cells.parquet", "fits.parquet", "claims.parquet")
 
 

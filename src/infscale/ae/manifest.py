@@ -81,7 +81,27 @@ def read_manifest(bundle: Path, same_schema: bool = False) -> dict:
         raise BundleError(f"{path}: the bundle's result files have schema version {schema}, which this infscale "
                           f"(results schema {SCHEMA_VERSION}) cannot read; use the infscale release that wrote "
                           f"the bundle ({manifest.get('infscale_version', 'unknown')})")
+    _check_entries(Path(bundle), path, manifest["files"])
     return manifest
+
+
+def _check_entries(bundle: Path, path: Path, files: object) -> None:
+    """Every manifest entry names a file inside the bundle (a relative path with no `..`, through no symlink that
+    leaves it) and gives its size and SHA-256; anything else is refused, never followed."""
+    if not isinstance(files, list):
+        raise BundleError(f"{path}: files: expected a list of {{path, size, sha256}} entries")
+    root = bundle.resolve()
+    for i, entry in enumerate(files):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
+                and not isinstance(entry.get("size"), bool) and isinstance(entry.get("sha256"), str)):
+            raise BundleError(f"{path}: files[{i}]: expected {{path: text, size: integer, sha256: text}}")
+        rel = entry["path"]
+        parts = rel.split("/")
+        inside = (rel and not rel.startswith("/") and "\\" not in rel and ".." not in parts and "" not in parts
+                  and (root / rel).resolve().is_relative_to(root))
+        if not inside:
+            raise BundleError(f"{path}: files[{i}].path: {rel!r} points outside the bundle; a manifest lists only "
+                              "the bundle's own files, by relative paths without '..'")
 
 
 @dataclass

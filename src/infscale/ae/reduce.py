@@ -19,8 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from infscale.campaign import campaign_from_dict
+from infscale.campaign import SpecError, campaign_from_dict
 from infscale.campaign.plan import plan_campaign
+from infscale.yamlfile import YamlFileError, read_yaml
 
 TARGETS = ("cpu", "1gpu")
 # Wall-time overheads the planner's steady-state estimate leaves out (rough; on the 2-core development machine
@@ -60,7 +61,10 @@ def reduce_campaign(campaign_file: Path, target: str = "cpu", osl_max: int = 102
     """Derive the `target` profile of a campaign file (see the module doc)."""
     if target not in TARGETS:
         raise ValueError(f"target '{target}': allowed {', '.join(TARGETS)}")
-    raw = yaml.safe_load(Path(campaign_file).read_text())
+    try:
+        raw = read_yaml(campaign_file, "campaign file")
+    except YamlFileError as err:
+        raise SpecError([str(err)]) from None
     if not isinstance(raw, dict) or "name" not in raw:
         raise ValueError(f"{campaign_file}: not a campaign file")
     reduced = copy.deepcopy(raw)

@@ -33,6 +33,8 @@ class Cell(BaseModel):
     proxy_layers: int | None = Field(default=None, gt=0)  # a layer-sliced proxy of the model (None: full run)
     # sim cells of a campaign that predicts with a hardware profile: "name@sha256[:12]" (None: catalog constants)
     hardware_profile: str | None = None
+    # sim cells predicted by an engine model other than the roofline: "trtllm/<operator data>" (None: roofline)
+    prediction_engine: str | None = None
 
     @model_validator(mode="after")
     def _no_microbatches_without_pp(self) -> "Cell":
@@ -49,10 +51,13 @@ class Cell(BaseModel):
     def spec_json(self) -> str:
         """Canonical JSON: the identity of the measurement. Fields added later are left out while unset, so cells
         keep the hashes (and files) they had before those fields existed."""
-        unset: dict[str, object] = {name: True for name in ("proxy_layers", "hardware_profile")
+        unset: dict[str, object] = {name: True for name in ("proxy_layers", "hardware_profile", "prediction_engine")
                                     if getattr(self, name) is None}
-        if self.engine.pp_microbatches is None:
-            unset["engine"] = {"pp_microbatches"}
+        engine_unset = {name for name in ("pp_microbatches", "scheduler_policy") if getattr(self.engine, name) is None}
+        if engine_unset:
+            unset["engine"] = engine_unset
+        if not self.arrival.stagger:
+            unset["arrival"] = {"stagger"}
         return self.model_dump_json(exclude=unset or None)
 
     @cached_property

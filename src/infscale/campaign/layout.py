@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from infscale.catalog import Hardware, ModelArch
 from infscale.layout import Layout
 
@@ -64,4 +66,5 @@ def enumerate_layouts(
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})

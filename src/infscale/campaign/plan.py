@@ -10,10 +10,12 @@ from pathlib import Path
 
 from infscale.campaign.cell import Cell
 from infscale.campaign.layout import Layout
-from infscale.campaign.spec import Arrival, Campaign, EngineSweep, LayoutSweep, Precision
+from infscale.campaign.spec import Arrival, Campaign, EngineKnobs, EngineSweep, LayoutSweep, Precision
 from infscale.catalog import Hardware, ModelArch
-from infscale.memory import GIB, MemoryPlan, plan_memory
+from infscale.memory import GIB, MemoryPlan, engine_reserve_bytes, plan_memory
 from infscale.perfmodel import StepModel, build_step_model
+from infscale.trtllm_memory import plan_trtllm_memory
+from infscale.trtllm_model import TrtllmStepModel, trtllm_step_model
 
 PACKING = ("layout", "model")
 
@@ -58,10 +60,13 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
     seen: set[str] = set()
     # what each workload expands to, independent of model and layout
     workloads = []
+    engine = campaign.sim_engine
+    engine_label = campaign.prediction_engine
     for workload in spec.workloads:
         knobs = [k if k.kv_memory_fraction is not None
                  else k.model_copy(update={"kv_memory_fraction": hardware.default_kv_memory_fraction})
-                 for k in (workload.engine or EngineSweep()).merged_over(spec.engine).expand()]
+                 for k in (workload.engine or EngineSweep()).merged_over(spec.engine)
+                 .expand(campaign.engine_knob_defaults)]
         arrivals = (workload.arrival or spec.arrival).expand()
         requests_setting = workload.requests if workload.requests is not None else spec.requests
         workloads.append((workload, workload.length_pairs(), knobs, arrivals, requests_setting))
@@ -74,8 +79,8 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
                         for knobs in knob_list:
                             # a proxy's capacity is the full model's (memory.plan_memory); its estimate stays
                             # the full run's too: an upper bound on the slice's wall time
-                            memory = _memory(model, hardware, layout, precision, knobs.kv_memory_fraction,
-                                             knobs.kv_block_size, entry.proxy_layers)
+                            memory = _memory(model, hardware, layout, precision, knobs, entry.proxy_layers,
+                                             engine)
                             context = isl.max_length + osl.max_length
                             concurrency = layout.dp * memory.max_seqs(context, knobs.max_num_seqs)
                             reason = memory.problem(context, model.name, layout)
@@ -87,11 +92,13 @@ def plan_campaign(campaign: Campaign, packing: str = "layout") -> list[PlannedCe
                                     workload=workload.name, isl=isl, osl=osl, requests=count, arrival=arrival,
                                     engine=knobs, seed=spec.seed, proxy_layers=entry.proxy_layers,
                                     hardware_profile=campaign.prediction_profile,
+                                    prediction_engine=engine_label,
                                 )
                                 if cell.id in seen:
                                     continue
                                 seen.add(cell.id)
-                                seconds = 0.0 if reason else _estimate_seconds(cell, model, hardware, memory)
+                                seconds = 0.0 if reason else _estimate_seconds(cell, model, hardware, memory,
+                                                                               engine)
                                 planned.append(PlannedCell(cell, job_id(cell, packing), reason is None, reason,
                                                            memory, concurrency, seconds))
     return planned
@@ -116,14 +123,47 @@ _MEMORY_CACHE: dict[tuple, MemoryPlan] = {}
 _STEP_CACHE: dict[tuple, StepModel] = {}
 
 
-def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Precision, fraction: float,
-            block_size: int, proxy_layers: int | None = None) -> MemoryPlan:
+def engine_kv_dtype(engine: str | None, weight_dtype: str, kv_dtype: str) -> str:
+    """The KV cache dtype the engine runs: TensorRT-LLM with FP8 weights keeps its KV in FP8 (trtllm-bench's FP8
+    build forces it; ModelOpt's FP8 checkpoints carry it), whatever the cell's precision says for KV."""
+    return "fp8" if engine == "trtllm" and weight_dtype == "fp8" else kv_dtype
+
+
+def replica_memory(model: ModelArch, hardware: Hardware, layout: Layout, weight_dtype: str, kv_dtype: str,
+                   knobs: EngineKnobs, proxy_layers: int | None, engine: str | None) -> MemoryPlan:
+    """One replica's memory as the cell's engine accounts for it: TensorRT-LLM's KV is a fraction of the memory
+    free after weights and workspace; the others' a fraction of the device (memory.py)."""
+    if engine == "trtllm":
+        kv_dtype = engine_kv_dtype(engine, weight_dtype, kv_dtype)
+        return plan_trtllm_memory(model, hardware, layout, weight_dtype, kv_dtype, knobs.kv_memory_fraction,
+                                  knobs.kv_block_size, knobs.max_num_tokens, knobs.max_num_seqs)
+    # the torch engine's own activation reserve (its largest max_num_tokens iteration), so the planner, the sim
+    # and the engine size one KV pool; the roofline model keeps the hardware's assumption
+    reserve = engine_reserve_bytes(engine, model, layout.tp, layout.ep, knobs.max_num_tokens, knobs.max_num_seqs)
+    return plan_memory(model, hardware, layout, weight_dtype, kv_dtype, knobs.kv_memory_fraction,
+                       knobs.kv_block_size, proxy_layers, activation_reserve_bytes=reserve)
+
+
+def cell_step_model(model: ModelArch, hardware: Hardware, cell: Cell, engine: str | None
+                    ) -> StepModel | TrtllmStepModel:
+    """The iteration-time model a cell is predicted with: TensorRT-LLM's measured operators, or the roofline."""
+    if engine == "trtllm":
+        kv_dtype = engine_kv_dtype(engine, cell.precision.weights, cell.precision.kv)
+        return trtllm_step_model(model, hardware, cell.layout, cell.precision.weights, kv_dtype,
+                                 max_batch_size=cell.engine.max_num_seqs)
+    return _step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
+                       cell.engine.pp_microbatches)
+
+
+def _memory(model: ModelArch, hardware: Hardware, layout: Layout, precision: Precision, knobs: EngineKnobs,
+            proxy_layers: int | None, engine: str | None) -> MemoryPlan:
     # the efficiency constants are part of the key: a hardware profile changes them under the same hardware name
     key = (model.name, model.source, hardware.name, hardware.efficiency, layout, precision.weights, precision.kv,
-           fraction, block_size, proxy_layers)
+           knobs.kv_memory_fraction, knobs.kv_block_size, proxy_layers, engine,
+           (knobs.max_num_tokens, knobs.max_num_seqs) if engine in ("trtllm", "torch") else None)
     if key not in _MEMORY_CACHE:
-        _MEMORY_CACHE[key] = plan_memory(model, hardware, layout, precision.weights, precision.kv, fraction,
-                                         block_size, proxy_layers)
+        _MEMORY_CACHE[key] = replica_memory(model, hardware, layout, precision.weights, precision.kv, knobs,
+                                            proxy_layers, engine)
     return _MEMORY_CACHE[key]
 
 
@@ -137,10 +177,10 @@ def _step_model(model: ModelArch, hardware: Hardware, layout: Layout, weight_dty
     return _STEP_CACHE[key]
 
 
-def _estimate_seconds(cell: Cell, model: ModelArch, hardware: Hardware, memory: MemoryPlan) -> float:
+def _estimate_seconds(cell: Cell, model: ModelArch, hardware: Hardware, memory: MemoryPlan,
+                      engine: str | None = None) -> float:
     """Steady state: each replica runs B sequences at the average context ISL + OSL/2; plus prefill."""
-    step_model = _step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
-                             cell.engine.pp_microbatches)
+    step_model = cell_step_model(model, hardware, cell, engine)
     isl, osl = cell.isl.mean_length, cell.osl.mean_length
     average_context = isl + osl / 2
     batch = max(1, min(cell.engine.max_num_seqs,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,22 +27,44 @@ from pydantic import (
 
 from infscale.campaign.layout import Layout, enumerate_layouts, layout_problem
 from infscale.catalog import CatalogError, Hardware, ModelArch, get_hardware, resolve_model
+from infscale.yamlfile import YamlFileError, read_yaml
 
 DTYPES = ("bf16", "fp8")
+# Upper bounds that keep every count a 64-bit integer and every loop of the planner and the simulator finite.
+MAX_NODES = 1024                # nodes one layout may use (bounds layout enumeration: nodes × GPUs per node)
+MAX_REQUESTS = 1_000_000        # requests of one cell (also bounds the simulator's work per cell)
+MAX_TOKENS = 1_000_000_000      # any length parameter, in tokens
+MAX_SEED = 2**63 - 1
+MAX_PP = 4096                   # pipeline stages or micro-batches (far above any model's layer count)
 BACKENDS = ("sim", "torch", "trtllm")
 ROUTERS = ("round_robin", "least_loaded")
+ENGINES = ("trtllm", "torch")   # what the sim's step model stands for (SimSettings.engine)
+# Knob defaults of an engine where the campaign leaves a knob unset: TensorRT-LLM as trtllm-bench configures it
+# (BuildConfig's max_batch_size 2048 and max_num_tokens 8192, tokens_per_block 32); others take EngineKnobs'.
+ENGINE_KNOB_DEFAULTS: dict[str | None, dict[str, object]] = {
+    "trtllm": {"max_num_seqs": 2048, "max_num_tokens": 8192, "kv_block_size": 32},
+}
 
 
 class SpecError(ValueError):
     """An invalid campaign file. `lines` holds one line per problem: `file: key: what is wrong`."""
 
     def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
+        self.lines = [_printable(line) for line in lines]
+        super().__init__("\n".join(self.lines))
+
+
+def _printable(text: str) -> str:
+    """One line, whatever the file held: control characters (a key with a newline in it) shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+TokenCount = Annotated[int, Field(gt=0, le=MAX_TOKENS)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true` is not a count and "8" is not a number; finite: no inf/nan where a number is meant
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- lengths
@@ -51,13 +74,13 @@ class LengthDist(_Strict):
     """A request length: fixed, or drawn per request from a seeded distribution (always within [min, cap])."""
 
     dist: Literal["fixed", "normal", "lognormal"]
-    value: int | None = Field(default=None, gt=0, description="fixed: the length")
-    mean: float | None = Field(default=None, gt=0, description="normal: mean")
-    std: float | None = Field(default=None, ge=0, description="normal: standard deviation")
-    median: float | None = Field(default=None, gt=0, description="lognormal: median (exp of mu)")
-    sigma: float | None = Field(default=None, ge=0, description="lognormal: sigma of log length")
-    min: int = Field(default=1, gt=0)
-    cap: int | None = Field(default=None, gt=0, description="largest length ever drawn")
+    value: int | None = Field(default=None, gt=0, le=MAX_TOKENS, description="fixed: the length")
+    mean: float | None = Field(default=None, gt=0, le=MAX_TOKENS, description="normal: mean")
+    std: float | None = Field(default=None, ge=0, le=MAX_TOKENS, description="normal: standard deviation")
+    median: float | None = Field(default=None, gt=0, le=MAX_TOKENS, description="lognormal: median (exp of mu)")
+    sigma: float | None = Field(default=None, ge=0, le=10, description="lognormal: sigma of log length")
+    min: int = Field(default=1, gt=0, le=MAX_TOKENS)
+    cap: int | None = Field(default=None, gt=0, le=MAX_TOKENS, description="largest length ever drawn")
 
     @model_validator(mode="after")
     def _parameters_match_dist(self) -> "LengthDist":
@@ -102,6 +125,8 @@ def _as_length(value: Any) -> Any:
     if isinstance(value, int):
         if value < 1:
             raise ValueError("a length must be a whole number of tokens > 0")
+        if value > MAX_TOKENS:
+            raise ValueError(f"a length must be at most {MAX_TOKENS:,} tokens")
         return {"dist": "fixed", "value": value}
     return value
 
@@ -112,15 +137,26 @@ Length = Annotated[LengthDist, BeforeValidator(_as_length)]
 # ---------------------------------------------------------------------------------------------- arrival
 
 
+Concurrency = Annotated[int, Field(gt=0, le=MAX_REQUESTS)]
+Rate = Annotated[float, Field(gt=0, le=1e9, description="requests per second")]
+
+
 class Arrival(_Strict):
     """How requests arrive: all at t=0 (offline), a fixed number in flight (closed loop), or Poisson at a rate."""
 
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
-    concurrency: int | None = Field(default=None, gt=0)
-    rate: float | None = Field(default=None, gt=0, description="requests per second (poisson)")
+    concurrency: Concurrency | None = None
+    rate: Rate | None = None
+    stagger: bool = Field(
+        default=False,
+        description="concurrency, sim backend: the clients start spread evenly over one request's latency (the "
+        "steady state a long benchmark settles into) instead of all at t=0 (as trtllm-bench starts them)")
 
     @model_validator(mode="after")
     def _parameters_match_mode(self) -> "Arrival":
+        if self.stagger and self.mode != "concurrency":
+            raise ValueError(f"'stagger' spreads the start of closed-loop clients: arrival mode 'concurrency' only "
+                             f"(got mode '{self.mode}')")
         if self.mode == "concurrency" and self.concurrency is None:
             raise ValueError("arrival mode 'concurrency' needs 'concurrency: N'")
         if self.mode == "poisson" and self.rate is None:
@@ -134,7 +170,7 @@ class Arrival(_Strict):
     @property
     def label(self) -> str:
         if self.mode == "concurrency":
-            return f"c{self.concurrency}"
+            return f"c{self.concurrency}" + ("s" if self.stagger else "")
         if self.mode == "poisson":
             return f"r{self.rate:g}"
         return "off"
@@ -144,8 +180,9 @@ class ArrivalSweep(_Strict):
     """`arrival:` in a workload; `concurrency` and `rate` may be lists (swept)."""
 
     mode: Literal["offline", "concurrency", "poisson"] = "offline"
-    concurrency: int | list[Annotated[int, Field(gt=0)]] | None = None
-    rate: float | list[Annotated[float, Field(gt=0)]] | None = None
+    concurrency: Concurrency | list[Concurrency] | None = None
+    rate: Rate | list[Rate] | None = None
+    stagger: bool = False
 
     @model_validator(mode="after")
     def _parameters_match_mode(self) -> ArrivalSweep:
@@ -157,10 +194,11 @@ class ArrivalSweep(_Strict):
 
     def expand(self) -> list[Arrival]:
         if self.mode == "concurrency":
-            return [Arrival(mode="concurrency", concurrency=c) for c in _as_list(self.concurrency)]
+            return [Arrival(mode="concurrency", concurrency=c, stagger=self.stagger)
+                    for c in _as_list(self.concurrency)]
         if self.mode == "poisson":
-            return [Arrival(mode="poisson", rate=r) for r in _as_list(self.rate)]
-        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate)]  # validates extras
+            return [Arrival(mode="poisson", rate=r, stagger=self.stagger) for r in _as_list(self.rate)]
+        return [Arrival(mode="offline", concurrency=self.concurrency, rate=self.rate, stagger=self.stagger)]
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -169,21 +207,30 @@ class ArrivalSweep(_Strict):
 class EngineKnobs(_Strict):
     """Engine settings of one cell (vLLM / TensorRT-LLM names in brackets)."""
 
-    max_num_seqs: int = Field(default=256, gt=0, description="cap on a replica's running batch [max_batch_size]")
-    max_num_tokens: int = Field(default=8192, gt=0, description="tokens per iteration; chunked-prefill budget")
+    max_num_seqs: int = Field(default=256, gt=0, le=1_000_000,
+                              description="cap on a replica's running batch [max_batch_size]")
+    max_num_tokens: int = Field(default=8192, gt=0, le=100_000_000,
+                                description="tokens per iteration; chunked-prefill budget")
     kv_memory_fraction: float | None = Field(
         default=None, gt=0, le=1,
         description="fraction of each GPU's memory for weights + activations + KV [gpu_memory_utilization]; "
         "None: the hardware's default",
     )
-    kv_block_size: int = Field(default=16, gt=0, description="tokens per KV block [tokens_per_block]")
+    kv_block_size: int = Field(default=16, gt=0, le=1_048_576, description="tokens per KV block [tokens_per_block]")
     router: Literal["round_robin", "least_loaded"] = "round_robin"
     pp_microbatches: int | None = Field(
-        default=None, ge=0,
+        default=None, ge=0, le=MAX_PP,
         description="micro-batches a PP replica's decode step is split into, pipelined over its stages: 0 one per "
         "stage, n at most n (1: the stages in turn); None: the engine's own schedule (sim: the hardware profile's, "
         "by default one per stage; torch: 1; TensorRT-LLM schedules them itself and takes no value). The torch "
         "engine takes 0, 1 or pp. Ignored (and left out of the cell) where pp = 1",
+    )
+    scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] | None = Field(
+        default=None,
+        description="KV capacity scheduling [trtllm-bench --scheduler_policy]: guaranteed_no_evict admits a request "
+        "only when its whole sequence fits (never preempts); max_utilization admits while blocks are free and "
+        "preempts the newest request when they run out. None: the engine's own (TensorRT-LLM: guaranteed_no_evict; "
+        "the torch engine and the sim's roofline model: max_utilization)",
     )
 
 
@@ -196,13 +243,15 @@ class EngineSweep(_Strict):
     kv_block_size: int | list[int] | None = None
     router: str | list[str] | None = None
     pp_microbatches: int | list[int] | None = None
+    scheduler_policy: str | list[str] | None = None
 
     def merged_over(self, base: "EngineSweep") -> "EngineSweep":
         ours = self.model_dump(exclude_none=True)
         return EngineSweep(**{**base.model_dump(exclude_none=True), **ours})
 
-    def expand(self) -> list[EngineKnobs]:
-        values = self.model_dump(exclude_none=True)
+    def expand(self, defaults: dict[str, object] | None = None) -> list[EngineKnobs]:
+        """Every combination of the swept knobs; unset knobs take `defaults` (an engine's), then EngineKnobs'."""
+        values = {**(defaults or {}), **self.model_dump(exclude_none=True)}
         combos: list[dict[str, Any]] = [{}]
         for key, value in values.items():
             combos = [{**c, key: v} for c in combos for v in _as_list(value)]
@@ -232,8 +281,9 @@ class Precision(_Strict):
 class LayoutSweep(_Strict):
     """`layouts:` as a generator: every valid dp × tp × pp using one of `gpus` GPU counts."""
 
-    gpus: list[Annotated[int, Field(gt=0)]]
-    max_pp: int | None = Field(default=None, gt=0)
+    gpus: list[Annotated[int, Field(gt=0)]] = Field(min_length=1, description="GPU counts; each at most the "
+                                                    "target's nodes × GPUs per node")
+    max_pp: int | None = Field(default=None, gt=0, le=MAX_PP)
     expert_parallel: list[bool] = Field(default_factory=lambda: [False], description="MoE: also ep = tp")
 
     def layouts(self, model: ModelArch, hardware: Hardware, nodes: int) -> list[Layout]:
@@ -268,10 +318,10 @@ class ModelEntry(_Strict):
 class Workload(_Strict):
     """Request lengths and arrival. Give `isl` + `osl` (osl may be a list: a sweep) or `pairs` of [isl, osl]."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)
     isl: Length | None = None
     osl: list[Length] | None = None
-    pairs: list[tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]] | None = None
+    pairs: list[tuple[TokenCount, TokenCount]] | None = None
     requests: int | Literal["auto"] | None = None
     arrival: ArrivalSweep | None = None
     engine: EngineSweep | None = None
@@ -281,6 +331,14 @@ class Workload(_Strict):
     def _osl_lengths(cls, value: Any) -> Any:
         return _as_list(value) if value is not None else None
 
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _pairs_as_tuples(cls, value: Any) -> Any:
+        """YAML gives [isl, osl] lists; strict validation takes a pair as a tuple."""
+        if isinstance(value, list):
+            return [tuple(pair) if isinstance(pair, list) else pair for pair in value]
+        return value
+
     @field_validator("arrival", mode="before")
     @classmethod
     def _arrival_shorthand(cls, value: Any) -> Any:
@@ -289,8 +347,8 @@ class Workload(_Strict):
     @field_validator("requests")
     @classmethod
     def _positive_requests(cls, value: Any) -> Any:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("requests must be at least 1 (or 'auto')")
+        if isinstance(value, int) and not 1 <= value <= MAX_REQUESTS:
+            raise ValueError(f"requests must be at least 1 and at most {MAX_REQUESTS:,} (or 'auto')")
         return value
 
     @model_validator(mode="after")
@@ -307,17 +365,29 @@ class Workload(_Strict):
         return [(self.isl, osl) for osl in self.osl]  # type: ignore[misc]
 
 
+class SimSettings(_Strict):
+    """`sim:` — how the `sim` backend (and every prediction of a campaign) models an iteration."""
+
+    engine: Literal["trtllm", "torch"] | None = Field(
+        default=None,
+        description="the engine the step model stands for: trtllm composes each iteration from measured "
+        "TensorRT-LLM operator latencies (aiconfigurator-core) and schedules as trtllm-bench does; torch is the "
+        "roofline model with the hardware profile's constants. None: the backend's engine (a trtllm campaign "
+        "predicts TensorRT-LLM, a torch campaign the torch engine); for backend sim, the roofline model",
+    )
+
+
 class HardwareTarget(_Strict):
     name: str
-    nodes: int = Field(default=1, gt=0, description="most nodes one layout may use")
+    nodes: int = Field(default=1, gt=0, le=MAX_NODES, description="most nodes one layout may use")
     profile: str | None = Field(default=None, description="a hardware profile (infscale calibrate) whose measured "
                                 "constants the sim model and the planner use; a path relative to the campaign "
                                 "file, or to the working directory")
 
 
 class CampaignSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    description: str = ""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    description: str = Field(default="", max_length=10_000)
     backend: Literal["sim", "torch", "trtllm"] = "sim"
     hardware: HardwareTarget
     models: list[ModelEntry] = Field(min_length=1)
@@ -325,12 +395,14 @@ class CampaignSpec(_Strict):
     layouts: LayoutsField
     workloads: list[Workload] = Field(min_length=1)
     requests: int | Literal["auto"] = "auto"
-    requests_per_slot: int = Field(default=4, gt=0, description="'auto' requests = this × the layout's max concurrency")
-    min_requests: int = Field(default=1, gt=0, description="lower bound for 'auto'")
-    max_requests: int = Field(default=16384, gt=0, description="upper bound for 'auto'")
+    requests_per_slot: int = Field(default=4, gt=0, le=10_000,
+                                   description="'auto' requests = this × the layout's max concurrency")
+    min_requests: int = Field(default=1, gt=0, le=MAX_REQUESTS, description="lower bound for 'auto'")
+    max_requests: int = Field(default=16384, gt=0, le=MAX_REQUESTS, description="upper bound for 'auto'")
     arrival: ArrivalSweep = Field(default_factory=ArrivalSweep)
     engine: EngineSweep = Field(default_factory=EngineSweep)
-    seed: int = Field(default=0, ge=0)
+    sim: SimSettings = Field(default_factory=SimSettings)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -355,9 +427,15 @@ class CampaignSpec(_Strict):
     @field_validator("requests")
     @classmethod
     def _positive_requests(cls, value: Any) -> Any:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("requests must be at least 1 (or 'auto')")
+        if isinstance(value, int) and not 1 <= value <= MAX_REQUESTS:
+            raise ValueError(f"requests must be at least 1 and at most {MAX_REQUESTS:,} (or 'auto')")
         return value
+
+    @model_validator(mode="after")
+    def _request_bounds_in_order(self) -> "CampaignSpec":
+        if self.min_requests > self.max_requests:
+            raise ValueError(f"min_requests ({self.min_requests}) is above max_requests ({self.max_requests})")
+        return self
 
     @field_validator("workloads")
     @classmethod
@@ -412,6 +490,26 @@ class Campaign:
         return self.profile.label if self.profile is not None and self.spec.backend == "sim" else None
 
     @property
+    def sim_engine(self) -> str | None:
+        """The engine the predictions stand for: `sim.engine`, else the backend's (None: the roofline model)."""
+        return engine_of(self.spec)
+
+    @property
+    def engine_knob_defaults(self) -> dict[str, object]:
+        """The knobs unset in the campaign take the engine's defaults (TensorRT-LLM's as trtllm-bench sets them)."""
+        return dict(ENGINE_KNOB_DEFAULTS.get(self.sim_engine, {}))
+
+    @property
+    def prediction_engine(self) -> str | None:
+        """The label sim cells predicted by an engine model other than the roofline carry (in their spec hash):
+        the engine and the version of the measured data it composes."""
+        if self.spec.backend != "sim" or self.sim_engine != "trtllm":
+            return None
+        from infscale.opdata import data_version
+
+        return f"trtllm/{data_version().split(' ')[0]}"
+
+    @property
     def name(self) -> str:
         return self.spec.name
 
@@ -426,15 +524,9 @@ class Campaign:
 def load_campaign(path: str | Path) -> Campaign:
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise SpecError([f"{path}: cannot read the campaign file ({err.strerror})"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SpecError([f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+        raw = read_yaml(path, "campaign file")
+    except YamlFileError as err:
+        raise SpecError([str(err)]) from None
     return campaign_from_dict(raw, source=str(path), path=path)
 
 
@@ -478,6 +570,17 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         models[entry.name] = model
         where = f"models[{i}].layouts" if entry.layouts is not None else "layouts"
         chosen = entry.layouts if entry.layouts is not None else spec.layouts
+        if isinstance(chosen, LayoutSweep):
+            # bounded before anything is enumerated: a sweep over 10^9 GPUs would never finish
+            sweep_problems = [line for line in _sweep_problems(source, where, chosen, hardware, spec.hardware.nodes)
+                              if line not in problems]
+            problems += sweep_problems
+            if sweep_problems:
+                continue
+            if not chosen.layouts(model, hardware, spec.hardware.nodes):
+                problems.append(f"{source}: {where}: no valid layout of {', '.join(map(str, chosen.gpus))} GPU(s) "
+                                f"for {entry.name} (see `infscale plan` of a list of layouts for the reasons)")
+                continue
         if entry.proxy_layers is not None:
             problems += _proxy_problems(source, i, entry, model, chosen, spec, hardware)
         if isinstance(chosen, LayoutSweep):
@@ -515,19 +618,40 @@ def _check_meaning(spec: CampaignSpec, source: str, path: Path | None, config_ha
         own_sizes = workload.engine is not None and (workload.engine.max_num_tokens is not None
                                                      or workload.engine.kv_block_size is not None)
         where = f"workloads[{w}].engine" if own_sizes else "engine"
-        for k in engine.expand():
+        for k in engine.expand(ENGINE_KNOB_DEFAULTS.get(engine_of(spec), {})):
             line = (f"{source}: {where}.max_num_tokens: {k.max_num_tokens} is below "
                     f"kv_block_size {k.kv_block_size}")
             if k.max_num_tokens < k.kv_block_size and line not in problems:
                 problems.append(line)
-            line = (f"{source}: {where}.pp_microbatches: the trtllm backend schedules PP micro-batches itself; "
+            who = "the trtllm backend" if spec.backend == "trtllm" else "TensorRT-LLM (sim.engine: trtllm)"
+            line = (f"{source}: {where}.pp_microbatches: {who} schedules PP micro-batches itself; "
                     f"leave it out (got {k.pp_microbatches})")
-            if spec.backend == "trtllm" and k.pp_microbatches is not None and line not in problems:
+            if engine_of(spec) == "trtllm" and k.pp_microbatches is not None and line not in problems:
                 problems.append(line)
     problems += engine_problems
+    staggered = [k for k, w in [("arrival", spec.arrival)] + [(f"workloads[{i}].arrival", w.arrival)
+                                                                for i, w in enumerate(spec.workloads)]
+                 if w is not None and w.stagger]
+    if staggered and spec.backend != "sim":
+        problems.append(f"{source}: {staggered[0]}.stagger: staggered client starts are a prediction setting of "
+                        f"the sim backend (a real {spec.backend} run starts its clients as its benchmark does)")
+    if engine_of(spec) == "trtllm":
+        from infscale.opdata import SYSTEMS
+
+        if hardware.name not in SYSTEMS:
+            key = "sim.engine" if spec.sim.engine else "backend"
+            problems.append(f"{source}: {key}: the trtllm engine model has measured operator tables for "
+                            f"{', '.join(SYSTEMS)} only (hardware is {hardware.name})")
     if problems:
         raise SpecError(problems)
     return Campaign(spec, path, config_hash, models, hardware, layouts, profile)
+
+
+def engine_of(spec: CampaignSpec) -> str | None:
+    """The engine a campaign's predictions stand for: `sim.engine`, else the backend's (None: the roofline)."""
+    if spec.sim.engine is not None:
+        return spec.sim.engine
+    return spec.backend if spec.backend in ENGINES else None
 
 
 def _with_profile(source: str, given: str, path: Path | None, hardware: Hardware) -> tuple[Hardware, ProfileRef]:
@@ -535,7 +659,7 @@ def _with_profile(source: str, given: str, path: Path | None, hardware: Hardware
     from infscale.calibration import ProfileError, load_profile, sha256_of  # calibration imports this module
 
     where = Path(given)
-    if not where.is_absolute() and path is not None and (path.parent / where).exists():
+    if not where.is_absolute() and path is not None and _is_file(path.parent / where):
         where = path.parent / where
     try:
         profile = load_profile(where)
@@ -544,6 +668,15 @@ def _with_profile(source: str, given: str, path: Path | None, hardware: Hardware
         raise SpecError([f"{source}: hardware.profile: {err}"]) from None
     return patched, ProfileRef(where, sha256_of(where), profile.name, profile.created_at, profile.engine,
                                dict(profile.efficiency))
+
+
+def _sweep_problems(source: str, where: str, sweep: LayoutSweep, hardware: Hardware, nodes: int) -> list[str]:
+    """A swept GPU count beyond the target (nodes × GPUs per node) can have no layout: say so by its index."""
+    available = nodes * hardware.gpus_per_node
+    return [f"{source}: {where}.gpus[{k}]: {gpus} GPUs exceed the target's {available} ({nodes} node(s) × "
+            f"{hardware.gpus_per_node} {hardware.name}); allowed: 1 to {available}, or raise hardware.nodes "
+            f"(at most {MAX_NODES})"
+            for k, gpus in enumerate(sweep.gpus) if gpus > available]
 
 
 def _proxy_problems(source: str, index: int, entry: ModelEntry, model: ModelArch,
@@ -597,9 +730,17 @@ def _relative_to(name: str, path: Path | None) -> str:
     """A model given as a relative config.json path is read relative to the campaign file."""
     if path is not None and (name.endswith(".json") or "/" in name):
         candidate = path.parent / name
-        if candidate.exists():
+        if _is_file(candidate) or _is_file(candidate / "config.json"):
             return str(candidate)
     return name
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for a name the OS refuses (too long) instead of an OSError."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -626,7 +767,7 @@ def _format_pydantic_error(source: str, error: dict[str, Any], raw: dict[str, An
 
 def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (
-        part in _UNION_TAGS or "[" in part or part.startswith(("function-", "literal[")))
+        part in _UNION_TAGS or "[" in part or part.startswith(("function-", "literal[", "constrained-")))
 
 
 def _without_union_noise(errors: list[Any]) -> list[Any]:
@@ -646,7 +787,38 @@ def _without_union_noise(errors: list[Any]) -> list[Any]:
         )
         if not deeper:
             kept.append(error)
-    return kept or errors
+    return _one_per_union(kept or errors, branch_root)
+
+
+_CONTAINER_MISMATCH = {"list_type", "dict_type", "model_type", "tuple_type"}
+
+
+def _one_per_union(errors: list[Any], branch_root: Any) -> list[Any]:
+    """Branches of one union that each refused the same value make one error: a container branch's "should be a
+    valid list" is dropped beside a scalar branch's reason, and the rest are joined ("a valid integer or 'auto'")."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    out: list[Any] = []
+    for error in errors:
+        root = branch_root(error["loc"])
+        if root is None:
+            out.append(error)
+            continue
+        key = tuple(error["loc"][:root])
+        if key not in groups:
+            groups[key] = []
+            out.append(key)  # placeholder: the group's error goes where its first branch was
+        groups[key].append(error)
+    merged = []
+    for item in out:
+        if not isinstance(item, tuple):
+            merged.append(item)
+            continue
+        branches = groups[item]
+        scalar = [e for e in branches if e["type"] not in _CONTAINER_MISMATCH]
+        branches = scalar or branches
+        reasons = [branches[0]["msg"]] + [e["msg"].removeprefix("Input should be ") for e in branches[1:]]
+        merged.append({**branches[0], "msg": " or ".join(dict.fromkeys(reasons))})
+    return merged
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -658,7 +830,8 @@ def _location(loc: tuple[Any, ...]) -> str:
         elif _is_union_tag(part):
             continue
         else:
-            text += ("." if text else "") + str(part)
+            name = str(part)
+            text += ("." if text else "") + (name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else repr(name))
     return text or "<top level>"
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import functools
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from infscale.catalog.models import CatalogError, _data_text, _unknown
+from infscale.yamlfile import parse_yaml
 
 
 class Efficiency(BaseModel):
@@ -85,7 +85,7 @@ class Hardware(BaseModel):
 
 @functools.cache
 def _load_hardware() -> dict[str, Hardware]:
-    data = yaml.safe_load(_data_text("hardware.yaml"))
+    data = parse_yaml(_data_text("hardware.yaml"), "hardware.yaml")
     hardware: dict[str, Hardware] = {}
     for name, fields in data["hardware"].items():
         try:

@@ -13,8 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from infscale.yamlfile import parse_yaml
 
 
 class CatalogError(ValueError):
@@ -214,7 +215,7 @@ def _unknown(kind: str, name: str, known: list[str]) -> CatalogError:
 
 @functools.cache
 def _load_catalog() -> tuple[dict[str, ModelArch], dict[str, str]]:
-    data = yaml.safe_load(_data_text("models.yaml"))
+    data = parse_yaml(_data_text("models.yaml"), "models.yaml")
     models: dict[str, ModelArch] = {}
     for name, fields in data["models"].items():
         if name != name.lower():
@@ -262,8 +263,12 @@ def resolve_model(name_or_path: str | Path) -> ModelArch:
     from infscale.catalog.hf_config import model_from_hf_config  # late import: hf_config imports this module
 
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return model_from_hf_config(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return model_from_hf_config(path / "config.json")
+    try:
+        if path.is_file() and path.suffix == ".json":
+            return model_from_hf_config(path)
+        if path.is_dir() and (path / "config.json").is_file():
+            return model_from_hf_config(path / "config.json")
+    except OSError as err:  # e.g. a name too long to be a path
+        raise CatalogError(f"{str(name_or_path)[:200]!r} is neither a catalog model nor a readable config.json "
+                           f"({err.strerror or err})") from None
     return get_model(str(name_or_path))

@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infscale.campaign.spec import SpecError, _format_pydantic_error
+from infscale.yamlfile import YamlFileError, read_yaml
 
 # Slurm names (partition, account, QOS, node): letters, digits and _ . - + only — nothing a shell would act on.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -129,7 +129,10 @@ def load_launcher_settings(raw: Any, source: str) -> LauncherSettings:
         return LauncherSettings()
     if isinstance(raw, (str, Path)):
         source = str(raw)
-        raw = yaml.safe_load(Path(raw).read_text())
+        try:
+            raw = read_yaml(raw, "launcher settings file")
+        except YamlFileError as err:
+            raise SpecError([str(err)]) from None
     try:
         return LauncherSettings.model_validate(raw)
     except ValidationError as err:

@@ -25,6 +25,7 @@ class ReplicaConfig:
     block_size: int
     max_num_seqs: int
     max_num_tokens: int
+    capacity_policy: str = "max_utilization"   # or guaranteed_no_evict (TensorRT-LLM's default)
 
 
 def route(router: str, dp: int, counter: int, pending_tokens: np.ndarray) -> int:
@@ -44,6 +45,7 @@ class Route:
     offline: np.ndarray | None = None          # request ids, all arrived at t=0
     chains: list[list[int]] | None = None      # closed loop: one chain per client
     arrivals: np.ndarray | None = None         # open loop: request ids in arrival order
+    starts: list[float] | None = None          # closed loop: when each chain's client starts (None: all at 0)
 
     def ids(self) -> np.ndarray:
         """Every request of the route."""
@@ -89,8 +91,21 @@ def submit_route(replica: Replica, route_: Route) -> None:
     """Queue the offline requests or client chains of `route_` (open-loop arrivals are fed by `run_route`)."""
     if route_.offline is not None:
         replica.submit_all(route_.offline, 0.0)
-    for chain in route_.chains or []:
-        replica.submit_chain(chain, 0.0)
+    chains = route_.chains or []
+    for chain, start in zip(chains, route_.starts or [0.0] * len(chains)):
+        replica.submit_chain(chain, start)
+
+
+def stagger_starts(routes: list[Route], state: RequestState) -> None:
+    """Spread each replica's closed-loop clients evenly over one request's mean latency (from a run where they all
+    started at once): the steady state a long benchmark settles into, where prompts arrive one by one."""
+    for route_ in routes:
+        ids = route_.ids()
+        if not route_.chains or not len(ids):
+            continue
+        latency = float(np.nanmean(state.finish[ids] - state.arrival[ids]))
+        clients = len(route_.chains)
+        route_.starts = [k * latency / clients for k in range(clients)]
 
 
 def run_route(replica: Replica, route_: Route, times: np.ndarray) -> None:
@@ -109,25 +124,30 @@ def serve(requests: Requests, dp: int, config: ReplicaConfig, arrival: Arrival, 
     state = RequestState(requests.isl.copy(), requests.osl.copy(), requests.arrival.copy())
     replicas = [
         Replica(i, state, make_executor(i), config.num_blocks, config.block_size, config.max_num_seqs,
-                config.max_num_tokens)
+                config.max_num_tokens, config.capacity_policy)
         for i in range(dp)
     ]
     if arrival.mode in ("offline", "concurrency"):
-        for replica, route_ in zip(replicas, static_routes(requests, dp, arrival, router)):
+        routes = static_routes(requests, dp, arrival, router)
+        if arrival.stagger:
+            together, _ = serve(requests, dp, config, arrival.model_copy(update={"stagger": False}), router,
+                                make_executor)
+            stagger_starts(routes, together)
+        for replica, route_ in zip(replicas, routes):
             submit_route(replica, route_)
-        _run_independent(state, replicas)
+        _run_independent(state, replicas, routes)
     else:
         work = (requests.isl + requests.osl).astype(np.float64)
         _run_open_loop(state, replicas, requests.arrival, work, router)
     return state, replicas
 
 
-def _run_independent(state: RequestState, replicas: list[Replica]) -> None:
+def _run_independent(state: RequestState, replicas: list[Replica], routes: list[Route]) -> None:
     """Replicas share nothing once routed. Replicas given identical work produce identical timelines, so each
     distinct workload is simulated once and its timeline copied (exact, and a DP8 cell costs one replica)."""
     done: dict[bytes, Replica] = {}
-    for replica in replicas:
-        key = _work_signature(state, replica)
+    for replica, route_ in zip(replicas, routes):
+        key = _work_signature(state, replica) + np.asarray(route_.starts or [], dtype=np.float64).tobytes()
         twin = done.get(key) if getattr(replica.executor, "deterministic", False) else None
         if twin is None:
             replica.run()

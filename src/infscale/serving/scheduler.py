@@ -6,6 +6,11 @@ chunks), then waiting requests are admitted while the batch cap, the token budge
 running request needs a block and none is free, the most recently admitted request is preempted and re-queued at
 the front, to recompute its prompt plus the tokens it had generated.
 
+With `capacity_policy="guaranteed_no_evict"` (TensorRT-LLM's default capacity scheduler) a request is admitted only
+when the KV blocks of its whole sequence (prompt + every output token) fit beside what the running requests will
+still need, so no running request is ever preempted; blocks are still allocated as tokens arrive, so the KV
+occupancy the log reports is what is in use.
+
 Between events (a request finishing, KV running out, an arrival) the batch is pure decode and fixed, so the
 scheduler asks the executor for many decode steps at once: that is what lets the simulator run a 32K-token
 campaign in seconds, and the torch executor still runs (and times) every step.
@@ -23,6 +28,9 @@ from infscale.serving.executor import Executor, IterationBatch
 
 class SchedulingError(RuntimeError):
     """The replica cannot make progress (e.g. one request needs more KV than the whole pool)."""
+
+
+CAPACITY_POLICIES = ("max_utilization", "guaranteed_no_evict")
 
 
 @dataclass
@@ -68,8 +76,13 @@ class SeriesLog:
 
 class Replica:
     def __init__(self, index: int, state: RequestState, executor: Executor, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_num_tokens: int):
+                 max_num_seqs: int, max_num_tokens: int, capacity_policy: str = "max_utilization"):
+        if capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"unknown capacity policy '{capacity_policy}'; allowed: {', '.join(CAPACITY_POLICIES)}")
         self.index = index
+        self.no_evict = capacity_policy == "guaranteed_no_evict"
+        self.committed_blocks = 0   # guaranteed_no_evict: blocks the running requests hold or will need
+        self._commitments: dict[int, int] = {}
         self.state = state
         self.executor = executor
         self.num_blocks = num_blocks
@@ -83,6 +96,7 @@ class Replica:
         self._running_array: np.ndarray | None = None  # cached np.array(self._running)
         self.finished: list[int] = []
         self.next_of: dict[int, int] = {}       # closed loop: request -> the client's next request
+        self._late_chains: list[tuple[float, list[int]]] = []  # closed-loop clients that start later, by time
         self.planned: list[int] = []             # every request routed here, chain by chain, in order
         self.chain_lengths: list[int] = []       # one entry per chain (a closed-loop client; offline: 1 each)
         self.log = SeriesLog()
@@ -100,12 +114,17 @@ class Replica:
         self.waiting.append(request)
 
     def submit_chain(self, chain: list[int], at: float) -> None:
-        """Queue the first request of `chain` now; each next one arrives when the one before it finishes."""
+        """Queue the first request of `chain` at time `at` (now, or when the run reaches it); each next one
+        arrives when the one before it finishes."""
         self.planned.extend(chain)
         self.chain_lengths.append(len(chain))
         for request, follow in zip(chain, chain[1:]):
             self.next_of[request] = follow
-        self.submit(chain[0], at)
+        if at > self.clock:
+            self._late_chains.append((at, chain))
+            self._late_chains.sort(key=lambda item: item[0])
+        else:
+            self.submit(chain[0], at)
 
     def submit_all(self, requests: np.ndarray, at: float) -> None:
         """Queue independent requests, all arrived at `at` (offline)."""
@@ -152,9 +171,18 @@ class Replica:
     # ------------------------------------------------------------------------------------------ running
 
     def run(self, until: float = np.inf) -> None:
-        """Advance until the clock passes `until` or no work is left."""
-        while not self.idle and self.clock < until:
-            self._advance(None if until == np.inf else until - self.clock)
+        """Advance until the clock passes `until` or no work is left (clients that start later included)."""
+        while True:
+            while self._late_chains and (self._late_chains[0][0] <= self.clock or self.idle):
+                at, chain = self._late_chains.pop(0)
+                if at >= until:
+                    self._late_chains.insert(0, (at, chain))
+                    break
+                self.submit(chain[0], at)
+            if self.idle or self.clock >= until:
+                return
+            stop = min(until, self._late_chains[0][0]) if self._late_chains else until
+            self._advance(None if stop == np.inf else stop - self.clock)
 
     def _advance(self, horizon: float | None) -> None:
         s = self.state
@@ -222,6 +250,11 @@ class Replica:
     def _blocks_for(self, tokens: np.ndarray | int) -> np.ndarray | int:
         return -(-tokens // self.block_size)
 
+    def _final_blocks(self, request: int) -> int:
+        """Blocks a request holds when it ends: its prompt (with any recomputed output) plus what it still writes."""
+        s = self.state
+        return int(self._blocks_for(int(s.prompt_target[request] + s.osl[request] - s.generated[request])))
+
     def _reserve_decode_blocks(self, decoding: np.ndarray) -> tuple[np.ndarray, bool]:
         """Give every decoding request room for one more token, preempting the newest requests if needed.
         Returns the decoding requests that remain, and whether any request was preempted."""
@@ -253,6 +286,7 @@ class Replica:
         s.prefilled[request] = 0
         s.prompt_target[request] = s.isl[request] + s.generated[request]
         s.preemptions[request] += 1
+        self.committed_blocks -= self._commitments.pop(request, 0)
         self.waiting.appendleft(request)
         self._release(np.array([request], dtype=np.int64))
 
@@ -264,6 +298,8 @@ class Replica:
         chunks: list[int] = []
         past: list[int] = []
 
+        admitting = False
+
         def take(request: int) -> bool:
             nonlocal budget
             remaining = int(s.prompt_target[request] - s.prefilled[request])
@@ -273,6 +309,12 @@ class Replica:
             need = self._blocks_for(int(s.seq[request]) + chunk) - int(s.blocks[request])
             if need > self.free_blocks:
                 return False
+            if admitting and self.no_evict:
+                final = self._final_blocks(request)
+                if self.committed_blocks + final > self.num_blocks:
+                    return False
+                self.committed_blocks += final
+                self._commitments[request] = final
             s.blocks[request] += need
             self.free_blocks -= need
             ids.append(request)
@@ -286,6 +328,7 @@ class Replica:
             for request in running[s.prefilled[running] < s.prompt_target[running]].tolist():
                 if not take(request):
                     return ids, chunks, past
+        admitting = True
         while admit and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             if not take(self.waiting[0]):
                 break
@@ -346,6 +389,8 @@ class Replica:
         request = self.waiting[0]
         s = self.state
         chunk = min(int(s.prompt_target[request] - s.prefilled[request]), budget)
+        if self.no_evict and self.committed_blocks + self._final_blocks(request) > self.num_blocks:
+            return False
         return chunk > 0 and self._blocks_for(int(s.seq[request]) + chunk) - int(s.blocks[request]) <= self.free_blocks
 
     def _decode_span(self, decoding: np.ndarray, steps: int, horizon: float | None) -> None:
@@ -373,6 +418,8 @@ class Replica:
         if not len(done):
             return
         s.finish[done] = self.clock
+        if self.no_evict:
+            self.committed_blocks -= sum(self._commitments.pop(r) for r in done.tolist())
         self.free_blocks += int(s.blocks[done].sum())
         s.blocks[done] = 0
         self._release(done)

@@ -7,10 +7,9 @@ import re
 import time
 
 from infscale.backends.base import Artefact, BuildSpec, CellResult, InfeasibleCell
-from infscale.backends.sim.stepmodel import SimExecutor
+from infscale.backends.sim.stepmodel import SimExecutor, TrtllmExecutor
 from infscale.campaign import Campaign, Cell
-from infscale.memory import plan_memory
-from infscale.perfmodel import build_step_model
+from infscale.campaign.plan import cell_step_model, replica_memory
 from infscale.serving.cluster import ReplicaConfig, serve
 from infscale.serving.metrics import request_rows, series_rows, summarize
 from infscale.serving.workload import generate_requests
@@ -51,30 +50,42 @@ class SimBackend:
         hardware = campaign.hardware
         # a proxy cell is predicted for the full model (the sim has no slice to scale): the row keeps its
         # proxy_layers label, and the prediction is what the proxy's scaled measurement stands for
-        memory = plan_memory(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
-                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size, cell.proxy_layers)
+        engine = campaign.sim_engine
+        memory = replica_memory(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
+                                cell.engine, cell.proxy_layers, engine)
         problem = memory.problem(cell.isl.max_length + cell.osl.max_length, cell.model, cell.layout)
         if problem:
             raise InfeasibleCell(problem)
-        step_model = build_step_model(model, hardware, cell.layout, cell.precision.weights, cell.precision.kv,
-                                      pp_microbatches=cell.engine.pp_microbatches)
+        step_model = cell_step_model(model, hardware, cell, engine)
+        executor = TrtllmExecutor(step_model) if engine == "trtllm" else SimExecutor(step_model)
+        # TensorRT-LLM's capacity scheduler guarantees no eviction unless told otherwise; the roofline model
+        # schedules as vLLM does (preemption by recompute)
+        policy = cell.engine.scheduler_policy or ("guaranteed_no_evict" if engine == "trtllm" else "max_utilization")
         requests = generate_requests(cell.isl, cell.osl, cell.requests, cell.arrival, cell.seed)
         config = ReplicaConfig(memory.kv_blocks_per_replica, cell.engine.kv_block_size, cell.engine.max_num_seqs,
-                               cell.engine.max_num_tokens)
-        executor = SimExecutor(step_model)
+                               cell.engine.max_num_tokens, policy)
         state, replicas = serve(requests, cell.dp, config, cell.arrival, cell.engine.router, lambda _: executor)
         return CellResult(
             summary={**summarize(state, replicas, cell.layout.gpus), "kv_pool_blocks": config.num_blocks},
             requests=request_rows(state),
             series=series_rows(replicas),
             predicted=True,
-            provenance=_provenance(cell, model.num_layers, campaign),
+            provenance=_provenance(cell, model.num_layers, campaign, engine, policy),
         )
 
 
-def _provenance(cell: Cell, full_layers: int, campaign: Campaign) -> dict[str, object] | None:
-    """What the prediction rests on beyond the cell: the hardware profile's constants, a proxy's label."""
+def _provenance(cell: Cell, full_layers: int, campaign: Campaign, engine: str | None = None,
+                policy: str | None = None) -> dict[str, object] | None:
+    """What the prediction rests on beyond the cell: the engine model and its data, the hardware profile's
+    constants, a proxy's label."""
     provenance: dict[str, object] = {}
+    if engine == "trtllm":
+        from infscale.opdata import data_version
+
+        provenance["engine_model"] = {"engine": "trtllm", "operator_data": data_version(),
+                                      "capacity_policy": policy,
+                                      "method": "iteration times composed from measured TensorRT-LLM operator "
+                                                "latencies (docs/perfmodel.md §7)"}
     if campaign.profile is not None:
         provenance["hardware_profile"] = campaign.profile.provenance()
     if cell.proxy_layers is not None:

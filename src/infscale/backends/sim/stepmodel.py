@@ -6,6 +6,15 @@ import numpy as np
 
 from infscale.perfmodel import StepModel
 from infscale.serving.executor import IterationBatch
+from infscale.trtllm_model import TrtllmStepModel
+
+
+def until_horizon(durations: np.ndarray, horizon: float | None) -> np.ndarray:
+    """The steps up to and including the first that ends past `horizon` (all of them without one)."""
+    if horizon is None:
+        return durations
+    ends = np.cumsum(durations)
+    return durations[: int(np.searchsorted(ends, horizon, side="left")) + 1]
 
 
 class SimExecutor:
@@ -27,8 +36,20 @@ class SimExecutor:
 
     def decode_steps(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None) -> np.ndarray:
         first, slope = self.model.decode_line(len(ids), float(context.sum()))
-        durations = first + slope * np.arange(steps, dtype=np.float64)
-        if horizon is not None:
-            ends = np.cumsum(durations)
-            durations = durations[: int(np.searchsorted(ends, horizon, side="left")) + 1]
-        return durations
+        return until_horizon(first + slope * np.arange(steps, dtype=np.float64), horizon)
+
+
+class TrtllmExecutor:
+    """The serving core's executor for the `trtllm` engine model: iteration times composed from measured
+    TensorRT-LLM operator latencies (`infscale.trtllm_model`)."""
+
+    deterministic = True
+
+    def __init__(self, model: TrtllmStepModel):
+        self.model = model
+
+    def iteration(self, batch: IterationBatch) -> float:
+        return self.model.batch_time(batch.decode_context, batch.prefill_chunk, batch.prefill_past)
+
+    def decode_steps(self, ids: np.ndarray, context: np.ndarray, steps: int, horizon: float | None) -> np.ndarray:
+        return until_horizon(self.model.decode_span(context, steps), horizon)

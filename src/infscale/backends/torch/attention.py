@@ -47,18 +47,28 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return _gqa_attend(q[:, None], keys, values, mask)[:, 0]
 
 
+SCORE_BYTES_PER_SLICE = 256 * 1024**2  # the reference's fp32 score block per slice of queries (its memory bound)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                             past: int) -> torch.Tensor:
     """A prompt chunk of one request: q [C, H, D] at positions past … past+C-1, their K/V already written.
-    Causal: query i sees keys 0 … past+i. `table` lists the request's blocks (at least ceil((past+C)/bs))."""
-    chunk = q.shape[0]
+    Causal: query i sees keys 0 … past+i. `table` lists the request's blocks (at least ceil((past+C)/bs)).
+    The queries go in slices whose fp32 scores stay under SCORE_BYTES_PER_SLICE, so a long chunk never holds
+    its whole [C, past + C] score matrix (the result is the same: each query's softmax is its own)."""
+    chunk, heads = q.shape[0], q.shape[1]
     total = past + chunk
     keys = gather_blocks(k_pool, table[None])[:, :total]
     values = gather_blocks(v_pool, table[None])[:, :total]
     key_pos = torch.arange(total, device=q.device)
-    query_pos = torch.arange(past, total, device=q.device)
-    mask = (key_pos[None, :] <= query_pos[:, None])[None]  # [1, C, total]
-    return _gqa_attend(q[None], keys, values, mask)[0]
+    step = max(1, SCORE_BYTES_PER_SLICE // (total * heads * 4))
+    out = torch.empty_like(q)
+    for lo in range(0, chunk, step):
+        hi = min(chunk, lo + step)
+        query_pos = torch.arange(past + lo, past + hi, device=q.device)
+        mask = (key_pos[None, :] <= query_pos[:, None])[None]  # [1, hi - lo, total]
+        out[lo:hi] = _gqa_attend(q[None, lo:hi], keys, values, mask)[0]
+    return out
 
 
 def contiguous_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0) -> torch.Tensor:

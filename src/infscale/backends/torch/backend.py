@@ -25,7 +25,7 @@ from infscale.backends.torch.workers import (
     check_reports,
 )
 from infscale.campaign import Campaign, Cell
-from infscale.memory import plan_memory
+from infscale.memory import plan_memory, torch_engine_reserve_bytes
 from infscale.serving.cluster import ReplicaConfig, static_routes
 from infscale.serving.metrics import request_rows, series_rows, summarize
 from infscale.serving.scheduler import RequestState, SeriesLog
@@ -77,17 +77,24 @@ class TorchBackend:
         if microbatches > 1 and cell.proxy_layers is not None:
             raise ValueError(f"{cell.id}: layer-sliced proxy runs of pipelined PP (pp_microbatches > 1) are not "
                              "supported")
+        fraction = cell.engine.kv_memory_fraction or campaign.hardware.default_kv_memory_fraction
+        # the engine's reserve for its largest iteration (max_num_tokens) and workspaces: the planner's too
+        reserve = torch_engine_reserve_bytes(arch, cell.tp, cell.ep, cell.engine.max_num_tokens,
+                                             cell.engine.max_num_seqs)
         memory = plan_memory(arch, campaign.hardware, cell.layout, cell.precision.weights, cell.precision.kv,
-                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size, cell.proxy_layers)
+                             cell.engine.kv_memory_fraction, cell.engine.kv_block_size, cell.proxy_layers,
+                             activation_reserve_bytes=reserve)
         # the KV pool: what the plan gives a replica (as an engine sizes it from its memory fraction); each rank
         # lowers it to what its device holds now. A proxy gets the full model's token capacity (its slice's
         # bytes per token), so its scheduler admits what a full run's would.
         config = ReplicaConfig(max(1, memory.kv_blocks_per_replica), cell.engine.kv_block_size,
-                               cell.engine.max_num_seqs, cell.engine.max_num_tokens)
+                               cell.engine.max_num_seqs, cell.engine.max_num_tokens,
+                               cell.engine.scheduler_policy or "max_utilization")
         return CellWork(arch=arch, tp=cell.tp, pp=cell.pp, dp=cell.dp, requests=requests, routes=routes,
                         arrival=cell.arrival, config=config,
                         dtype="bfloat16" if self.device.type == "cuda" else "float32", seed=cell.seed,
-                        kv_memory_fraction=cell.engine.kv_memory_fraction, num_layers=cell.proxy_layers,
+                        kv_memory_fraction=fraction,
+                        activation_reserve_bytes=reserve, num_layers=cell.proxy_layers,
                         ep=cell.ep, pp_microbatches=microbatches)
 
     def _run(self, work: CellWork, world: int) -> list[RankReport]:

@@ -125,9 +125,12 @@ class TorchExecutor:
     graphs of `DecoderModel.fast_decode` (see graphs.py), one per batch size in `graph_sizes` up to the number
     of requests, with the fused kernels of triton_attention (`fast_ops`). Spans larger than the largest size,
     spans whose contexts outgrow the graphs' block tables, prefill iterations and models the path does not
-    support run eagerly as before. `warmup()` tunes the kernels (CUDA), captures every graph, then warms the
-    path up with a throw-away request; without it graphs are captured when first needed. On CPU, fast=True
-    records the step instead of capturing it (`graph_mode` "record"): the same buffers and padding, for tests."""
+    support run eagerly. With Triton ops, the eager prefill and mixed iterations run through the fused kernels
+    of triton_prefill (flash-style paged prefill attention for all prompt chunks in one launch, fused RoPE/KV
+    write, add+RMSNorm, SwiGLU); otherwise through the plain-torch layers. `warmup()` tunes the kernels (CUDA),
+    captures every graph, then warms the path up with a throw-away request; without it graphs are captured when
+    first needed. On CPU, fast=True records the step instead of capturing it (`graph_mode` "record"): the same
+    buffers and padding, for tests."""
 
     deterministic = False
 
@@ -162,6 +165,7 @@ class TorchExecutor:
             raise ValueError(f"the fast decode path does not support {model.arch.name}: {unsupported}")
         self.graphs: DecodeGraphs | None = None
         self.pipeline: list[DecodeGraphs] | None = None  # one set of graphs per micro-batch (pipelined PP)
+        self.packed_ops = None  # the fused kernels of prefill and mixed iterations (with the Triton fast path)
         if not fast:
             self.cache = model.new_cache(num_blocks, block_size)
             return
@@ -176,6 +180,10 @@ class TorchExecutor:
         cap = next((b for b in sorted(sizes) if b >= most), max(sizes))
         sizes = tuple(b for b in sizes if b <= cap)
         self.ops = make_fast_ops(fast_ops, self.device)
+        if self.ops.name == "triton":
+            from infscale.backends.torch.triton_prefill import PackedOps
+
+            self.packed_ops = PackedOps(self.ops)
         self.tune = self.device.type == "cuda" and self.ops.name == "triton" if tune is None else tune
         graphs = [DecodeGraphs(model, self.cache, self.ops, max_context, scratch_block=num_blocks,
                                batch_sizes=sizes, mode=graph_mode, pipelined=pipelined)
@@ -437,6 +445,11 @@ class TorchExecutor:
             from infscale.backends.torch.triton_attention import tune_linear
 
             tune_linear(self.ops, self.model.fast_linear_sites(), self.graphs.sizes)
+            moe = list(self.model.moe_blocks().values())
+            if moe:
+                from infscale.backends.torch.triton_moe import tune_moe
+
+                tune_moe(self.ops, moe, self.graphs.sizes)
             self._tuned = True
         for graphs in self.pipeline or [self.graphs]:
             graphs.capture()
@@ -494,16 +507,17 @@ class TorchExecutor:
             tokens.append(self.history(request, past, past + chunk))
             positions.append(np.arange(past, past + chunk, dtype=np.int64))
             slots.append(self.cache.slots(request, past, chunk))
-            prefills.append(PrefillSeq(row, chunk, past, torch.as_tensor(table, device=self.device)))
+            prefills.append(PrefillSeq(row, chunk, past, list(table)))
             if past + chunk == total:  # the prompt (or recomputed prompt + output) is complete: it samples
                 samplers.append(request)
                 sample_rows.append(row + chunk - 1)
             row += chunk
         owners = decode_ids + batch.prefill_ids.tolist()
         keys = [np.full(len(p), r, dtype=np.int64) for r, p in zip(owners, positions)]
+        all_positions = np.concatenate(positions)
         device = self.device
         meta = BatchMeta(
-            positions=torch.as_tensor(np.concatenate(positions), device=device),
+            positions=torch.as_tensor(all_positions, device=device),
             slots=torch.as_tensor(np.concatenate(slots), device=device),
             keys=torch.as_tensor(np.concatenate(keys), device=device),
             sample_index=torch.as_tensor(np.asarray(sample_rows, dtype=np.int64), device=device),
@@ -511,6 +525,8 @@ class TorchExecutor:
             decode_tables=self._table_tensor(tables) if tables else None,
             decode_lens=torch.as_tensor(np.asarray(decode_context, dtype=np.int64), device=device) if tables else None,
             prefills=prefills,
+            kernels=self.packed_ops,
+            rope_positions=int(all_positions.max()) + 1,
         )
         return meta, torch.as_tensor(np.concatenate(tokens), device=device), samplers
 

@@ -48,7 +48,7 @@ class PrefillSeq:
     start: int
     chunk: int
     past: int
-    table: torch.Tensor  # the request's block ids (device, int64)
+    blocks: list[int]  # the request's block ids (at least ceil((past + chunk) / block_size) of them)
 
 
 @dataclass
@@ -63,6 +63,10 @@ class BatchMeta:
     decode_tables: torch.Tensor | None = None  # [num_decode, M] block tables (padded)
     decode_lens: torch.Tensor | None = None    # [num_decode] context including the new token
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # the fused kernels the batch runs through (triton_prefill.PackedOps), None: the plain-torch reference path
+    kernels: object | None = None
+    rope_positions: int = 0        # every position is below this (the size of the fused path's RoPE tables)
+    prefill_plan: object | None = None  # the kernels' prefill plan, built on the first layer for all of them
 
     @property
     def num_tokens(self) -> int:
@@ -215,7 +219,8 @@ class Attention:
                                                  meta.decode_lens)
             for seq in meta.prefills:
                 rows = slice(seq.start, seq.start + seq.chunk)
-                out[rows] = paged_prefill_attention(q[rows], cache.k[local], cache.v[local], seq.table, seq.past)
+                table = torch.as_tensor(seq.blocks, dtype=torch.int64, device=q.device)
+                out[rows] = paged_prefill_attention(q[rows], cache.k[local], cache.v[local], table, seq.past)
         return self.ctx.all_reduce(F.linear(out.reshape(tokens, self.heads * d), self.w_o))
 
 
@@ -242,10 +247,11 @@ class MoEBlock:
     token (activations are replicated across TP), so a rank computes its experts' share of the routed slots and the
     TP all-reduce that follows sums the shares: EP changes how many experts a rank reads and how wide their GEMMs
     are, not the collectives (as an engine that runs EP inside its TP group does; no all-to-all).
-    The expert GEMMs run as two grouped GEMMs (`torch._grouped_mm`) over the routed slots sorted by expert, with
-    the group offsets computed on the device: no host synchronisation, so the block runs inside a CUDA graph and
-    reads each routed expert's weights once per step, as a production engine's grouped-GEMM MoE does.
-    `experts_loop` is the per-expert reference it is tested against."""
+    The expert GEMMs run as two grouped GEMMs (`grouped_experts`: `torch._grouped_mm`; in the fast decode step the
+    Triton grouped kernel of triton_moe.py) over the routed slots sorted by expert, with the group offsets computed
+    on the device: no host synchronisation, so the block runs inside a CUDA graph and reads each routed expert's
+    weights once per step, as a production engine's grouped-GEMM MoE does. `experts_loop` is the per-expert
+    reference they are tested against."""
 
     def __init__(self, arch: ModelArch, layer: int, ctx: ParallelContext, weights: WeightFactory,
                  popularity: ExpertPopularity):
@@ -297,24 +303,29 @@ class MoEBlock:
         return weights, experts
 
     def partial(self, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's share of the block's output (before the TP all-reduce); no host synchronisation."""
+                valid: torch.Tensor | None = None, experts_fn=None) -> torch.Tensor:
+        """This rank's share of the block's output (before the TP all-reduce); no host synchronisation.
+        `experts_fn(gathered, w_gate_up, w_down, ends)` runs the experts (default `grouped_experts`; the fast
+        decode path passes its ops' `moe_experts`)."""
+        token, offsets, mine = self.sorted_slots(x, keys, positions, valid)
+        out = (experts_fn or grouped_experts)(x[token], self.w_gate_up, self.w_down, offsets)
+        # rows past the last offset are not written by the grouped GEMM: select, never multiply, them away
+        scaled = torch.where(mine > 0, out * mine.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+        return torch.zeros_like(x).index_add_(0, token, scaled)
+
+    def sorted_slots(self, x: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                     valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route, then sort the routed slots by this rank's expert: (each sorted slot's token [T·k], the group
+        ends [local_experts] int32 cumulative, each sorted slot's routing weight [T·k, 1] (0: another rank's))."""
         weights, experts = self.route(x, keys, positions, valid)
         flat, slot_weights = self._local_slots(experts, weights)
         order = torch.argsort(flat, stable=True)
-        token = order // self.top_k
         # slots of other ranks' experts carry index local_experts: counted in a bin past the last group, so they
         # sort to the end, lie beyond the last offset and get weight 0
         per_expert = torch.zeros(self.local_experts + 1, dtype=torch.int32, device=x.device)
         per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offsets = torch.cumsum(per_expert[:-1], 0, dtype=torch.int32)
-        gathered = x[token]
-        gate, up = torch._grouped_mm(gathered, self.w_gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
-        mine = slot_weights[order, None]
-        # rows past the last offset are not written by the grouped GEMM: select, never multiply, them away
-        scaled = torch.where(mine > 0, out * mine.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-        return torch.zeros_like(x).index_add_(0, token, scaled)
+        ends = torch.cumsum(per_expert[:-1], 0, dtype=torch.int32)
+        return order // self.top_k, ends, slot_weights[order, None]
 
     def _local_slots(self, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each routed slot's expert as an index into this rank's experts (local_experts when it is another
@@ -348,6 +359,15 @@ class MoEBlock:
 
     def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         return self.ctx.all_reduce(self.partial(x, meta.keys, meta.positions))
+
+
+def grouped_experts(gathered: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                    ends: torch.Tensor) -> torch.Tensor:
+    """The experts of routed slots sorted by expert, as two grouped GEMMs (torch._grouped_mm): gathered [S, H]
+    with expert e's rows ends[e-1] … ends[e]-1; w_gate_up [E, 2I, H]; w_down [E, H, I]. Rows past ends[-1] are
+    not written."""
+    gate, up = torch._grouped_mm(gathered, w_gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=ends)
 
 
 class DecoderLayer:
@@ -497,8 +517,11 @@ class DecoderModel:
             hidden = self.embed_tokens(ids)
         else:
             hidden = ctx.recv_prev((meta.num_tokens, self.arch.hidden_size), self.dtype, self.device)
-        for local, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, cache, local, self.inv_freq)
+        if meta.kernels is not None:
+            hidden = self.packed_layers(hidden, meta, cache, meta.kernels)
+        else:
+            for local, layer in enumerate(self.layers):
+                hidden = layer(hidden, meta, cache, local, self.inv_freq)
         samples = int(meta.sample_index.shape[0])
         if not ctx.is_last_stage:
             ctx.send_next(hidden)
@@ -509,6 +532,48 @@ class DecoderModel:
             out = torch.cat([logits.argmax(dim=-1), finite[None]])
         ctx.broadcast_from_last_stage(out)
         return out[:samples], out[samples]
+
+    # -------------------------------------------------------------------------------------------- packed, fused
+
+    def packed_layers(self, hidden: torch.Tensor, meta: BatchMeta, cache: PagedKVCache, ops) -> torch.Tensor:
+        """This stage's layers over a packed batch (prompt chunks and decodes) through the fused kernels of
+        `ops` (triton_prefill.PackedOps): the eager layers' arithmetic and rounding in a few large kernels per
+        layer (add + RMSNorm, one QKV GEMM for every token, RoPE + K/V write by slot, one attention launch for
+        all prompt chunks and one for the decodes, SwiGLU on the fused gate/up output). `hidden` is updated in
+        place and returned."""
+        cos, sin = self._packed_rope(meta.rope_positions)
+        reduce = self.ctx.all_reduce
+        delta = None
+        for local, layer in enumerate(self.layers):
+            attn, mlp = layer.attn, layer.mlp
+            x = ops.add_rmsnorm(hidden, delta, layer.input_norm, self.eps)
+            qkv = F.linear(x, attn.w_qkv)
+            q = ops.rope_kv_slots(qkv, meta.positions, meta.slots, cos, sin, cache.k[local], cache.v[local],
+                                  attn.heads, attn.kv_heads, attn.head_dim, attn.b_qkv, attn.q_norm, attn.k_norm,
+                                  self.eps)
+            out = ops.attention(q, cache.k[local], cache.v[local], meta)
+            delta = reduce(F.linear(out.reshape(out.shape[0], -1), attn.w_o))
+            x = ops.add_rmsnorm(hidden, delta, layer.post_norm, self.eps)
+            if isinstance(mlp, MoEBlock):
+                delta = reduce(mlp.partial(x, meta.keys, meta.positions))
+            else:
+                delta = reduce(F.linear(ops.silu_mul(F.linear(x, mlp.w_gate_up)), mlp.w_down))
+        return _residual_add(hidden, delta)
+
+    def _packed_rope(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the packed path (its own tables: the decode graphs hold the addresses of theirs, which
+        must never be freed), grown to a power of two when a batch reaches further."""
+        if positions <= 0:
+            raise ValueError("a packed batch on the fused path needs meta.rope_positions (its largest position + 1)")
+        cached = getattr(self, "_packed_rope_tables", None)
+        if cached is None or cached[0].shape[0] < positions:
+            cached = self._packed_rope_tables = self._cos_sin(1 << max(10, (positions - 1).bit_length()))
+        return cached
+
+    def _cos_sin(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, head_dim / 2] in fp32, computed exactly as apply_rope computes them."""
+        freqs = torch.arange(positions, device=self.device).float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos().contiguous(), freqs.sin().contiguous()
 
     # -------------------------------------------------------------------------------------------- fast decode
 
@@ -541,8 +606,7 @@ class DecoderModel:
         cached = getattr(self, "_rope_tables", None)
         if cached is not None and cached[0].shape[0] >= positions:
             return cached
-        freqs = torch.arange(positions, device=self.device).float()[:, None] * self.inv_freq[None, :]
-        self._rope_tables = (freqs.cos().contiguous(), freqs.sin().contiguous())
+        self._rope_tables = self._cos_sin(positions)
         return self._rope_tables
 
     def fast_decode(self, ids: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor,
@@ -588,7 +652,7 @@ class DecoderModel:
             delta = reduce(ops.linear(out.reshape(out.shape[0], -1), attn.w_o, "o", partial_ok))
             x = ops.add_rmsnorm(hidden, delta, layer.post_norm, self.eps)
             if isinstance(mlp, MoEBlock):
-                delta = reduce(mlp.partial(x, keys, positions, valid))
+                delta = reduce(mlp.partial(x, keys, positions, valid, experts_fn=ops.moe_experts))
             else:
                 delta = reduce(ops.linear(ops.gate_up(x, mlp.w_gate_up), mlp.w_down, "down", partial_ok))
         if not ctx.is_last_stage and pipelined:
@@ -642,6 +706,7 @@ class TorchFastOps:
     signatures and the same rounding as TritonOps."""
 
     name = "torch"
+    moe_experts = staticmethod(grouped_experts)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, site: str = "", partial_ok: bool = False,
                config=None) -> torch.Tensor:

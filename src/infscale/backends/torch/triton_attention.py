@@ -62,6 +62,52 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _mma(x, w, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """acc + x · wᵀ on the matrix units: fp32 operands in the interpreter (DOT_F32), IEEE for fp32 models."""
+        if DOT_F32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            out = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            out = tl.dot(x, tl.trans(w), acc)
+        return out
+
+    @triton.jit
+    def _swiglu(gate_acc, up_acc, dtype: tl.constexpr):
+        """silu(gate) * up from fp32 values, each stored value rounded to `dtype` as the eager path stores it."""
+        gate = gate_acc.to(dtype).to(tl.float32)
+        up = up_acc.to(dtype).to(tl.float32)
+        return (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+
+    @triton.jit
+    def _softmax_step(q, k, v, valid, m_i, l_i, acc, scale_log2, round_to: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        """One key tile of an online softmax in the exp2 domain: scores q · kᵀ · scale (−inf where `valid` is
+        False when MASKED), the running maximum and sum rescaled, and the P · V accumulator with P rounded to
+        `round_to` (the model dtype). Returns (m, l, acc)."""
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+        if MASKED:
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        elif DOT_F32:
+            pv = tl.dot(p.to(round_to).to(tl.float32), v)
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
         scale_log2,
@@ -102,26 +148,8 @@ if triton is not None:
             row = blk * stride_kblk + (toks % BLOCK_SIZE) * stride_ktok + head_off
             k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
             v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(tmask[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            elif DOT_F32:
-                pv = tl.dot(p.to(out_ptr.dtype.element_ty).to(tl.float32), v)
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, k, v, tmask[None, :], m_i, l_i, acc, scale_log2,
+                                          out_ptr.dtype.element_ty, True, DOT_F32, IEEE)
         if NUM_SPLITS == 1:
             out = acc / l_i[:, None]
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -192,55 +220,63 @@ if triton is not None:
         q_out_ptr, k_pool_ptr, v_pool_ptr, eps,
         stride_qkv, stride_qo_t, stride_qo_h, stride_tb, stride_slot,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr, BY_SLOT: tl.constexpr, HEADS_PER: tl.constexpr,
     ):
-        """One program per (token, head) with heads 0 … HEADS-1 the queries and HEADS … HEADS+KV-1 the KV heads
-        (the latter also store V). qkv [T, (HEADS + 2 KV) · D] as the fused projection writes it; token t of a
-        decode batch sits at position lens[t] - 1, in slot table[t, pos // BLOCK_SIZE] · BLOCK_SIZE + pos % …"""
+        """One program per (token, tile of HEADS_PER heads), heads 0 … HEADS-1 the queries and HEADS … HEADS+KV-1
+        the KV heads (the latter also store V). qkv [T, (HEADS + 2 KV) · D] as the fused projection writes it;
+        token t of a decode batch sits at position lens[t] - 1, in slot table[t, pos // BLOCK_SIZE] · BLOCK_SIZE
+        + pos % …; BY_SLOT (a packed batch): lens_ptr holds each token's position and table_ptr its flat slot."""
         t = tl.program_id(0)
-        h = tl.program_id(1)
         HALF: tl.constexpr = HEAD_DIM // 2
+        h = tl.program_id(1) * HEADS_PER + tl.arange(0, HEADS_PER)
         i = tl.arange(0, HALF)
         dtype = q_out_ptr.dtype.element_ty
-        pos = tl.load(lens_ptr + t).to(tl.int64) - 1
-        cos = tl.load(cos_ptr + pos * HALF + i)
-        sin = tl.load(sin_ptr + pos * HALF + i)
-        base = qkv_ptr + t * stride_qkv + h * HEAD_DIM
-        x1 = tl.load(base + i).to(tl.float32)
-        x2 = tl.load(base + HALF + i).to(tl.float32)
+        is_q = h < HEADS
+        is_k = (h >= HEADS) & (h < HEADS + KV_HEADS)
+        live = is_q | is_k
+        if BY_SLOT:
+            pos = tl.load(lens_ptr + t).to(tl.int64)
+        else:
+            pos = tl.load(lens_ptr + t).to(tl.int64) - 1
+        cos = tl.load(cos_ptr + pos * HALF + i)[None, :]
+        sin = tl.load(sin_ptr + pos * HALF + i)[None, :]
+        base = qkv_ptr + t.to(tl.int64) * stride_qkv
+        cols = h[:, None] * HEAD_DIM + i[None, :]
+        x1 = tl.load(base + cols, mask=live[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + cols, mask=live[:, None], other=0.0).to(tl.float32)
         if HAS_BIAS:
-            x1 = (x1 + tl.load(bias_ptr + h * HEAD_DIM + i).to(tl.float32)).to(dtype).to(tl.float32)
-            x2 = (x2 + tl.load(bias_ptr + h * HEAD_DIM + HALF + i).to(tl.float32)).to(dtype).to(tl.float32)
+            x1 = (x1 + tl.load(bias_ptr + cols, mask=live[:, None], other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            x2 = (x2 + tl.load(bias_ptr + HALF + cols, mask=live[:, None], other=0.0).to(tl.float32)).to(
+                dtype).to(tl.float32)
         if HAS_QK_NORM:
-            r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
-            if h < HEADS:
-                w1 = tl.load(qn_ptr + i).to(tl.float32)
-                w2 = tl.load(qn_ptr + HALF + i).to(tl.float32)
-            else:
-                w1 = tl.load(kn_ptr + i).to(tl.float32)
-                w2 = tl.load(kn_ptr + HALF + i).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+            w1 = tl.where(is_q[:, None], tl.load(qn_ptr + i)[None, :].to(tl.float32),
+                          tl.load(kn_ptr + i)[None, :].to(tl.float32))
+            w2 = tl.where(is_q[:, None], tl.load(qn_ptr + HALF + i)[None, :].to(tl.float32),
+                          tl.load(kn_ptr + HALF + i)[None, :].to(tl.float32))
             x1 = ((x1 * r).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
             x2 = ((x2 * r).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
         y1 = (x1 * cos - x2 * sin).to(dtype)
         y2 = (x2 * cos + x1 * sin).to(dtype)
-        if h < HEADS:
-            out = q_out_ptr + t * stride_qo_t + h * stride_qo_h
-            tl.store(out + i, y1)
-            tl.store(out + HALF + i, y2)
+        q_rows = q_out_ptr + t.to(tl.int64) * stride_qo_t + h[:, None] * stride_qo_h
+        tl.store(q_rows + i[None, :], y1, mask=is_q[:, None])
+        tl.store(q_rows + HALF + i[None, :], y2, mask=is_q[:, None])
+        if BY_SLOT:
+            slot = tl.load(table_ptr + t).to(tl.int64)
         else:
-            kvh = h - HEADS
             block = tl.load(table_ptr + t * stride_tb + pos // BLOCK_SIZE).to(tl.int64)
             slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-            dst = slot * stride_slot + kvh * HEAD_DIM
-            tl.store(k_pool_ptr + dst + i, y1)
-            tl.store(k_pool_ptr + dst + HALF + i, y2)
-            vsrc = base + KV_HEADS * HEAD_DIM
-            j = tl.arange(0, HEAD_DIM)
-            v = tl.load(vsrc + j)
-            if HAS_BIAS:
-                vb = tl.load(bias_ptr + (h + KV_HEADS) * HEAD_DIM + j).to(tl.float32)
-                v = (v.to(tl.float32) + vb).to(dtype)
-            tl.store(v_pool_ptr + dst + j, v)
+        kvh = tl.where(is_k, h - HEADS, 0)
+        dst = slot * stride_slot + kvh[:, None] * HEAD_DIM
+        tl.store(k_pool_ptr + dst + i[None, :], y1, mask=is_k[:, None])
+        tl.store(k_pool_ptr + dst + HALF + i[None, :], y2, mask=is_k[:, None])
+        j = tl.arange(0, HEAD_DIM)[None, :]
+        vcols = (h[:, None] + KV_HEADS) * HEAD_DIM + j
+        v = tl.load(base + vcols, mask=is_k[:, None], other=0.0)
+        if HAS_BIAS:
+            vb = tl.load(bias_ptr + vcols, mask=is_k[:, None], other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) + vb).to(dtype)
+        tl.store(v_pool_ptr + dst + j, v, mask=is_k[:, None])
 
     @triton.jit
     def _finish_kernel(
@@ -317,10 +353,7 @@ if triton is not None:
         y = tl.sum(acc, 1)
         dtype = out_ptr.dtype.element_ty
         if DUAL:
-            gate = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-            up = tl.sum(acc2, 1).to(x_ptr.dtype.element_ty).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
-            y = act * up
+            y = _swiglu(y, tl.sum(acc2, 1), x_ptr.dtype.element_ty)
         if PARTIAL:
             tl.store(out_ptr + pid_s * N + rn, y, mask=nmask)
         else:
@@ -357,34 +390,20 @@ if triton is not None:
                 kmask = (k + rk) < k_hi
                 x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            if DOT_F32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = _mma(x, w, acc, DOT_F32, IEEE)
             if DUAL:
                 if EVEN_K:
                     w2 = tl.load(w2_ptrs, mask=nmask[:, None], other=0.0)
                 else:
                     w2 = tl.load(w2_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
-                if DOT_F32:
-                    w2 = w2.to(tl.float32)
-                if IEEE:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision="ieee")
-                else:
-                    acc2 = tl.dot(x, tl.trans(w2), acc2)
+                acc2 = _mma(x, w2, acc2, DOT_F32, IEEE)
                 w2_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         dtype = out_ptr.dtype.element_ty
         y = acc
         if DUAL:
-            gate = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-            up = acc2.to(x_ptr.dtype.element_ty).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
-            y = act * up
+            y = _swiglu(acc, acc2, x_ptr.dtype.element_ty)
         omask = mmask[:, None] & nmask[None, :]
         if PARTIAL:
             tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], y, mask=omask)
@@ -490,6 +509,7 @@ class TritonOps:
         self.interpret = interpret_mode()
         self.linear_configs: dict[tuple[str, int], LinearConfig] = {}
         self.attn_configs: dict[int, AttnConfig] = {}
+        self.moe_configs: dict[int, object] = {}  # routed slots -> triton_moe.MoEConfig
         self.default_linear = default_linear
         self.tuning_log: list[dict[str, object]] = []
 
@@ -586,15 +606,33 @@ class TritonOps:
                 k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
         """Bias, QK-norm, RoPE of one new token per request (position lens - 1); its K/V written to its slot
         (from the block table); returns the queries [B, H, D]."""
+        return self._rope_kv(qkv, lens, tables, tables.stride(0), cos, sin, k_pool, v_pool, heads, kv_heads,
+                             head_dim, bias, q_norm, k_norm, eps, by_slot=False)
+
+    def rope_kv_slots(self, qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int,
+                      head_dim: int, bias: torch.Tensor | None, q_norm: torch.Tensor | None,
+                      k_norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """As rope_kv for every token of a packed batch, each at its own position, its K/V written to its own
+        flat slot (block · block_size + offset); returns the queries [T, H, D]."""
+        return self._rope_kv(qkv, positions, slots, 0, cos, sin, k_pool, v_pool, heads, kv_heads, head_dim, bias,
+                             q_norm, k_norm, eps, by_slot=True)
+
+    def _rope_kv(self, qkv, where, tables, stride_tb, cos, sin, k_pool, v_pool, heads, kv_heads, head_dim, bias,
+                 q_norm, k_norm, eps, by_slot: bool) -> torch.Tensor:
         tokens = qkv.shape[0]
         q = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
         dummy = cos
-        _rope_kv_kernel[(tokens, heads + kv_heads)](
+        # a tile of heads per program: a few programs per token (one per head left prefill's 8K tokens × 40 heads
+        # as 330K tiny programs); small decode batches keep more, smaller programs in flight
+        per = min(_pow2(heads + kv_heads), 16 if tokens >= 256 else 4)
+        _rope_kv_kernel[(tokens, triton.cdiv(heads + kv_heads, per))](
             qkv, bias if bias is not None else dummy, q_norm if q_norm is not None else dummy,
-            k_norm if k_norm is not None else dummy, lens, tables, cos, sin, q, k_pool, v_pool, eps,
-            qkv.stride(0), q.stride(0), q.stride(1), tables.stride(0), kv_heads * head_dim,
+            k_norm if k_norm is not None else dummy, where, tables, cos, sin, q, k_pool, v_pool, eps,
+            qkv.stride(0), q.stride(0), q.stride(1), stride_tb, kv_heads * head_dim,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[1],
-            HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, num_warps=1 if head_dim <= 128 else 2)
+            HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, BY_SLOT=by_slot, HEADS_PER=per,
+            num_warps=4 if per >= 8 else (1 if head_dim <= 128 else 2))
         return q
 
     def finish(self, logits: torch.Tensor, valid: torch.Tensor, result: torch.Tensor, ids: torch.Tensor,
@@ -604,6 +642,15 @@ class TritonOps:
         block = min(4096, _pow2(vocab))
         _finish_kernel[(batch,)](logits, valid, result, ids, lens, vocab, logits.stride(0), result.stride(0),
                                  BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
+    def moe_experts(self, gathered: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                    ends: torch.Tensor) -> torch.Tensor:
+        """The MoE experts of a decode step through triton_moe's grouped kernel (model.grouped_experts' function);
+        its launch from `moe_configs` by routed slots (tuned on the device), else the default."""
+        from infscale.backends.torch.triton_moe import moe_experts
+
+        return moe_experts(gathered, w_gate_up, w_down, ends, self.moe_configs.get(gathered.shape[0]),
+                           dot_f32=self.interpret)
 
     def attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                   lens: torch.Tensor, max_context: int, config: AttnConfig | None = None) -> torch.Tensor:
@@ -711,8 +758,14 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+REFERENCE_ROWS = 8192  # weight rows per float64 slice of the tuning reference (its memory bound)
+
+
 def _linear_reference(x: torch.Tensor, w: torch.Tensor, dual: bool) -> torch.Tensor:
-    y = x.double() @ w.double().T
+    """x · wᵀ in float64, over slices of w's rows: a whole float64 copy of the LM head (128256 × 4096) would
+    hold 4 GiB during the warm-up, after the KV pool is sized (seen on an H200, 2026-12-04)."""
+    xd = x.double()
+    y = torch.cat([xd @ w[i:i + REFERENCE_ROWS].double().T for i in range(0, w.shape[0], REFERENCE_ROWS)], dim=1)
     if dual:
         gate, up = y.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up

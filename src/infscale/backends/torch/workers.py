@@ -37,6 +37,7 @@ from infscale.backends.torch.routing import ExpertPopularity
 from infscale.backends.torch.spawn import DTYPES, free_port, init_rank
 from infscale.campaign.spec import Arrival
 from infscale.catalog.models import ModelArch
+from infscale.memory import device_kv_budget_bytes
 from infscale.serving.cluster import ReplicaConfig, Route, run_route
 from infscale.serving.scheduler import Replica, RequestState, SeriesLog
 from infscale.serving.workload import Requests
@@ -45,7 +46,6 @@ from infscale.telemetry import GpuSampler, GpuTelemetry
 STATE_COLUMNS = ("replica", "arrival", "first_token", "finish", "preemptions")
 # a rank that stops answering (NCCL hang, dead peer) fails the cell after this long instead of holding the job
 COLLECTIVE_TIMEOUT = timedelta(minutes=float(os.environ.get("INFSCALE_RANK_TIMEOUT_MIN", "30")))
-WORKSPACE_RESERVE = 2 * 1024**3  # CUDA graphs, activations, NCCL buffers: allocated after the KV pool
 CPU_KV_BYTES = int(os.environ.get("INFSCALE_TORCH_CPU_KV_BYTES", str(256 * 1024**2)))
 
 
@@ -71,7 +71,9 @@ class CellWork:
     ep: int = 1                         # MoE experts split over ep groups of the TP ranks
     pp_microbatches: int = 1            # pp: decode pipelined over the stages; 1: the stages in turn
     popularity: ExpertPopularity = field(default_factory=ExpertPopularity)
-    kv_memory_fraction: float = 0.9     # of the device memory free after weights and warm-up
+    kv_memory_fraction: float = 0.9     # of the device's memory for weights + activations + KV (as the planner)
+    # kept free beside weights and KV for the largest iteration and the workspaces (memory.torch_engine_reserve_bytes)
+    activation_reserve_bytes: float = 2 * 1024**3
     telemetry_interval_s: float = 0.1
 
 
@@ -187,7 +189,7 @@ class RankMember:
         blocks = self._agree_min(blocks, error)
         num_blocks = min(work.config.num_blocks, blocks)
         config = ReplicaConfig(num_blocks, work.config.block_size, work.config.max_num_seqs,
-                               work.config.max_num_tokens)
+                               work.config.max_num_tokens, work.config.capacity_policy)
         executor = None
         try:
             executor = TorchExecutor(model, num_blocks, config.block_size, work.requests.isl, work.requests.osl,
@@ -215,15 +217,17 @@ class RankMember:
         return self._model
 
     def _device_blocks(self, work: CellWork, model: DecoderModel) -> int:
-        """KV blocks this rank can hold: a fraction of the free device memory (a fixed budget on CPU)."""
+        """KV blocks this rank can hold: what the planner's arithmetic leaves on this device (device_kv_budget_bytes;
+        a fixed budget on CPU)."""
         arch = work.arch
         layers = len(model.layer_ids)
         heads = kv_heads_local(arch.num_kv_heads, work.tp)
         per_token = 2 * layers * heads * arch.head_dim * torch.tensor([], dtype=DTYPES[work.dtype]).element_size()
         if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
-            # the warm-up's graphs and workspaces come after this: keep room for them
-            budget = int(free * work.kv_memory_fraction) - WORKSPACE_RESERVE
+            free, total = torch.cuda.mem_get_info(self.device)
+            # as the planner counts: the fraction of the device's memory, less what is held now (weights, the CUDA
+            # context), less the reserve for the largest iteration, the graphs and the workspaces (allocated later)
+            budget = int(device_kv_budget_bytes(free, total, work.kv_memory_fraction, work.activation_reserve_bytes))
         else:
             budget = CPU_KV_BYTES
         return max(1, budget // (per_token * work.config.block_size))
@@ -246,7 +250,7 @@ class RankMember:
         requests = work.requests
         state = RequestState(requests.isl.copy(), requests.osl.copy(), requests.arrival.copy())
         replica = Replica(index, state, executor, config.num_blocks, config.block_size, config.max_num_seqs,
-                          config.max_num_tokens)
+                          config.max_num_tokens, config.capacity_policy)
         uuids = [_uuid(self.device)] if self.device.type == "cuda" else []
         sampler = GpuSampler(uuids, work.telemetry_interval_s) if uuids else None
         if sampler:

@@ -175,7 +175,8 @@ class TrtllmBackend:
             concurrency = max(1, -(-(cell.arrival.concurrency or 1) // cell.dp))
         processes = replica_processes(self.settings, arch, cell.model, cell.layout, knobs, datasets, counts,
                                       concurrency, out_dir, campaign.hardware.gpus_per_node, self.slurm,
-                                      options_file, artefact.path, visible_devices=_visible_devices())
+                                      options_file, artefact.path, visible_devices=_visible_devices(),
+                                      scheduler_policy=cell.engine.scheduler_policy)
         gpus = visible_gpus()
         sampler = GpuSampler([uuid for uuid, _ in gpus]) if gpus else None
         if sampler:

@@ -175,7 +175,7 @@ def extra_options(settings: TrtllmSettings, knobs: BuildKnobs) -> dict[str, obje
 
 def throughput_argv(settings: TrtllmSettings, model: str, layout: Layout, knobs: BuildKnobs, dataset: Path,
                     num_requests: int, concurrency: int | None, out_dir: Path, options_file: Path | None,
-                    engine_dir: Path | None = None) -> list[str]:
+                    engine_dir: Path | None = None, scheduler_policy: str | None = None) -> list[str]:
     """`trtllm-bench … throughput` for one replica (streaming on, so TTFT/TPOT exist)."""
     argv = ["trtllm-bench", "--model", model, "--model_path", settings.model_path(model),
             "--workspace", settings.workspace, "throughput", "--dataset", str(dataset)]
@@ -196,6 +196,8 @@ def throughput_argv(settings: TrtllmSettings, model: str, layout: Layout, knobs:
              "--iteration_log", str(out_dir / "iterations.log")]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
+    if scheduler_policy is not None:   # unset: trtllm-bench's own default (guaranteed_no_evict)
+        argv += ["--scheduler_policy", scheduler_policy]
     if options_file is not None:
         argv += ["--extra_llm_api_options", str(options_file)]
     return argv
@@ -251,7 +253,8 @@ def replica_processes(settings: TrtllmSettings, arch: ModelArch, model: str, lay
                       dataset_per_replica: list[Path], requests_per_replica: list[int], concurrency: int | None,
                       out_dir: Path, gpus_per_node: int, slurm: bool, options_file: Path | None,
                       engine_dir: Path | None = None, srun_extra: list[str] = (),
-                      visible_devices: list[str] | None = None) -> list[Process]:
+                      visible_devices: list[str] | None = None, scheduler_policy: str | None = None
+                      ) -> list[Process]:
     """One process per DP replica, on disjoint GPUs, each with its own dataset share and report files
     (`visible_devices`: the job's CUDA_VISIBLE_DEVICES, which replicas smaller than a node share out)."""
     settings.check_flow()
@@ -260,7 +263,8 @@ def replica_processes(settings: TrtllmSettings, arch: ModelArch, model: str, lay
     for replica in range(layout.dp):
         replica_dir = out_dir / f"replica{replica}"
         argv = throughput_argv(settings, model, layout, knobs, dataset_per_replica[replica],
-                               requests_per_replica[replica], concurrency, replica_dir, options_file, engine_dir)
+                               requests_per_replica[replica], concurrency, replica_dir, options_file, engine_dir,
+                               scheduler_policy)
         env = replica_environment(settings, arch, layout, knobs)
         node, devices = 0, None
         if layout.dp > 1:
