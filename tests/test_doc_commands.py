@@ -57,6 +57,7 @@ FORMS: dict[str, str] = {
     ".venv/bin/infscale summary config/my.yaml": "run",
     ".venv/bin/infscale figures config/my.yaml": "run",
     ".venv/bin/infscale report config/my.yaml": "run",
+    ".venv/bin/infscale export config/my.yaml": "run",
     ".venv/bin/snakemake --profile profiles/local calibration --config campaign=config/my.yaml": "dry-run",
     ".venv/bin/infscale run config/my.yaml --profile profiles/slurm --settings profiles/slurm/settings.yaml": "parse",
     ".venv/bin/infscale status config/my.yaml --packing layout --watch 30": "parse",
@@ -99,6 +100,8 @@ FORMS: dict[str, str] = {
     ".venv/bin/infscale predict --model llama-3.1-8b --hardware h200-sxm --tp 1 --isl 1024 --osl 16384 --json": "run",
     ".venv/bin/infscale predict --model qwen2.5-32b --hardware h200-sxm --tp 4 --isl 1024 --osl 16384 --json": "run",
     ".venv/bin/infscale predict --model llama-3.1-8b --hardware h200-sxm --dp 8 --isl 1024 --osl 16384 --json": "run",
+    # docs/results.md (the demo's results are not in the sandbox: the export itself runs for config/my.yaml above)
+    ".venv/bin/infscale export config/demo.yaml": "parse",
     # docs/slurm.md
     "snakemake --profile profiles/slurm calibration --config campaign=config/my.yaml": "dry-run",
 }
